@@ -1,0 +1,108 @@
+# Shared workflow glue: config validation, the dataset registry, input functions, code hashes.
+import os
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from cxrfoundry.provenance import code_hash
+
+
+validate(config, schema="../config/schema/config.schema.yaml")
+
+DATASETS = sorted(config["datasets"])
+CORPORA = sorted(config["corpora"])
+for _corpus, _spec in config["corpora"].items():
+    _unknown = sorted(set(_spec["datasets"]) - set(DATASETS))
+    if _unknown:
+        raise ValueError(f"corpus {_corpus!r} names unknown datasets: {_unknown}")
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS) or "NO_DATASET",
+    corpus="|".join(CORPORA) or "NO_CORPUS",
+
+
+def code(*modules):
+    """params entry that reruns a rule when the library modules it uses change."""
+    return {"modules": list(modules), "sha256": code_hash(*modules)}
+
+
+def dataset_config(wildcards):
+    """The registry entry of the job's dataset."""
+    return config["datasets"][wildcards.dataset]
+
+
+def dataset_source(wildcards):
+    """Download source of the job's dataset (phantom sources inherit the shared phantom settings)."""
+    source = dict(dataset_config(wildcards)["source"])
+    if source["type"] == "phantom":
+        source["phantom"] = {**config["phantom"], **source.get("phantom", {})}
+        source.setdefault("seed", config["seed"])
+    return source
+
+
+def dataset_ingest_options(wildcards):
+    """Ingest options of the job's dataset, with the workflow's split fractions and seed."""
+    entry = dataset_config(wildcards)
+    return {"splits": config["splits"], "seed": config["seed"], **entry.get("ingest", {})}
+
+
+def dataset_adapter(wildcards):
+    """Name of the ingest adapter for the job's dataset."""
+    return dataset_config(wildcards)["adapter"]
+
+
+def dataset_llm_policy(wildcards):
+    """Whether the dataset's metadata may be sent to a remote LLM endpoint."""
+    return dataset_config(wildcards)["llm_policy"]
+
+
+def raw_dir(dataset):
+    return f"resources/raw/{dataset}"
+
+
+def corpus_reports(wildcards):
+    """Report tables of every dataset in the corpus."""
+    names = config["corpora"][wildcards.corpus]["datasets"]
+    return [f"results/reports/{name}.parquet" for name in names]
+
+
+def corpus_datasets(wildcards):
+    """Names of the datasets in the corpus, in config order (aligned with its inputs)."""
+    return list(config["corpora"][wildcards.corpus]["datasets"])
+
+
+def corpus_raw_dirs(wildcards):
+    """Raw folders of every dataset in the corpus (images are read from there)."""
+    return [raw_dir(name) for name in config["corpora"][wildcards.corpus]["datasets"]]
+
+
+def data_targets():
+    """Everything up to and including the shards, plus the data audit."""
+    return [f"results/shards/{corpus}" for corpus in CORPORA] + [
+        "results/audit/data.json"
+    ]
+
+
+def dataset_targets(dataset):
+    """Per-dataset outputs up to the reports (the inputs of a corpus' shards)."""
+    return [
+        f"results/manifests/{dataset}.parquet",
+        f"results/frontal/{dataset}.parquet",
+        f"results/reports/{dataset}.parquet",
+    ]
+
+
+def all_targets():
+    """The default target: every stage that exists."""
+    return data_targets()
+
+
+def init_tracking():
+    """Create the MLflow store once, before parallel jobs race to migrate it."""
+    mlflow_cfg = config.get("mlflow", {})
+    if not mlflow_cfg.get("enabled", True):
+        return
+    from cxrfoundry.tracking import init_store
+
+    init_store(mlflow_cfg, mlflow_cfg.get("experiment") or f"cxrfoundry-{config['name']}")

@@ -1,0 +1,20 @@
+# views: keep frontal images; metadata, then DICOM tags, then an image classifier decide.
+
+
+rule filter_frontal:
+    input:
+        raw="resources/raw/{dataset}",
+        manifest="results/manifests/{dataset}.parquet",
+    output:
+        frontal="results/frontal/{dataset}.parquet",
+        excluded="results/frontal/{dataset}.excluded.parquet",
+        audit="results/frontal/{dataset}.audit.json",
+    params:
+        policy=config["views"],
+        code=code("cxrfoundry.data.views"),
+    log:
+        "logs/filter_frontal/{dataset}.log",
+    benchmark:
+        "benchmarks/filter_frontal/{dataset}.tsv"
+    script:
+        "../workflow/scripts/filter_frontal.py"

@@ -1,0 +1,44 @@
+"""Shared test helpers: paths and a runner for the real Snakemake workflow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_REAL = REPO.parent / "shared" / "data" / "real"
+
+
+def snakemake(workdir: Path, *args: str, config: str = "config/mini.yaml", check: bool = True,
+              env: dict[str, str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the project's Snakefile in ``workdir`` with ``config`` (a repo-relative config file)."""
+    cmd = [
+        sys.executable, "-m", "snakemake",
+        "--snakefile", str(REPO / "Snakefile"),
+        "--directory", str(workdir),
+        "--configfile", str(REPO / config),
+        "--cores", "2",
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "MLFLOW_TRACKING_URI": "", **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"snakemake failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def shared_real() -> Path:
+    """The real sample data beside the project; tests using it skip where it is absent."""
+    if not SHARED_REAL.is_dir():
+        pytest.skip(f"real sample data not found at {SHARED_REAL}")
+    return SHARED_REAL
