@@ -57,6 +57,19 @@ def dataset_llm_policy(wildcards):
     return dataset_config(wildcards)["llm_policy"]
 
 
+def prompt_files():
+    """The LLM prompt files: editing one reruns report synthesis (and misses the cache)."""
+    folder = Path(workflow.basedir) / config["reports"]["prompts_dir"]
+    return sorted(str(p) for p in folder.glob("*.txt"))
+
+
+def reports_gpus(wildcards):
+    """One GPU when the reports job starts its own inference server, else none."""
+    settings = config["reports"]
+    managed = (settings.get("openai") or {}).get("managed")
+    return 1 if settings["backend"] == "openai" and managed else 0
+
+
 def raw_dir(dataset):
     return f"resources/raw/{dataset}"
 

@@ -1,9 +1,12 @@
-# reports: keep original reports, write the missing ones (template or LLM) and check them all.
+# reports: keep original reports, write the missing ones (template or LLM), check and repair them.
+# One rule does writing and quality control: repairs need the draft, the metadata and the same
+# cache inside one job, and the audit carries every QC statistic.
 
 
 rule synthesize_reports:
     input:
         frontal="results/frontal/{dataset}.parquet",
+        prompts=prompt_files(),
     output:
         reports="results/reports/{dataset}.parquet",
         audit="results/reports/{dataset}.audit.json",
@@ -13,6 +16,8 @@ rule synthesize_reports:
         seed=config["seed"],
         cache_dir=config["reports"]["cache_dir"],
         code=code("cxrfoundry.reports.synthesize"),
+    resources:
+        gpu=reports_gpus,
     log:
         "logs/synthesize_reports/{dataset}.log",
     benchmark:

@@ -13,19 +13,34 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_REAL = REPO.parent / "shared" / "data" / "real"
 
 
-def snakemake(workdir: Path, *args: str, config: str = "config/mini.yaml", check: bool = True,
-              env: dict[str, str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path,
+    *args: str,
+    config: str = "config/mini.yaml",
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: int = 900,
+) -> subprocess.CompletedProcess:
     """Run the project's Snakefile in ``workdir`` with ``config`` (a repo-relative config file)."""
     cmd = [
-        sys.executable, "-m", "snakemake",
-        "--snakefile", str(REPO / "Snakefile"),
-        "--directory", str(workdir),
-        "--configfile", str(REPO / config),
-        "--cores", "2",
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(REPO / config),
+        "--cores",
+        "2",
         *args,
     ]
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout,
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "MLFLOW_TRACKING_URI": "", **(env or {})},
     )
     if check and proc.returncode != 0:

@@ -23,6 +23,14 @@ import pyarrow.parquet as pq
 PathLike = str | os.PathLike[str]
 
 
+def _umask_mode(mode: int = 0o666) -> int:
+    # mkstemp creates 0600 files; published outputs get the usual umask-derived mode so that
+    # collaborators on a shared cluster can read them.
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -43,6 +51,7 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
@@ -62,6 +71,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
@@ -78,6 +88,7 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, _umask_mode(0o777))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

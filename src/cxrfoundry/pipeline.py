@@ -143,7 +143,8 @@ class Step:
         self.started = time.time()
         log.info("rule %s %s starting", self.rule, self.wildcards)
         mlflow_cfg = self.config.get("mlflow", {})
-        experiment = mlflow_cfg.get("experiment") or f"cxrfoundry-{self.config.get('name', 'default')}"
+        default_experiment = f"cxrfoundry-{self.config.get('name', 'default')}"
+        experiment = mlflow_cfg.get("experiment") or default_experiment
         tags = {
             "rule": self.rule,
             "git_commit": provenance.git_commit() or "unknown",

@@ -23,7 +23,7 @@ DEFAULT_ARTIFACTS = "results/mlartifacts"
 
 
 def tracking_uri(cfg: Mapping[str, Any], workdir: Path | None = None) -> str:
-    """Resolve the tracking URI: environment, then config, then the SQLite default under results/."""
+    """Resolve the tracking URI: environment, then config, then SQLite under results/."""
     if env := os.environ.get("MLFLOW_TRACKING_URI"):
         return env
     if uri := cfg.get("tracking_uri"):
@@ -88,9 +88,7 @@ class Run:
         mlflow.set_tracking_uri(tracking_uri(cfg))
         self._client = mlflow.MlflowClient()
         experiment_id = _retry(init_store, cfg, experiment)
-        run = _retry(
-            self._client.create_run, experiment_id, run_name=run_name, tags=dict(tags)
-        )
+        run = _retry(self._client.create_run, experiment_id, run_name=run_name, tags=dict(tags))
         self.run_id = run.info.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
