@@ -44,7 +44,7 @@ def dataset_source(wildcards):
 def dataset_ingest_options(wildcards):
     """Ingest options of the job's dataset, with the workflow's split fractions and seed."""
     entry = dataset_config(wildcards)
-    return {"splits": config["splits"], "seed": config["seed"], **entry.get("ingest", {})}
+    return {"split_fractions": config["splits"], **entry.get("ingest", {})}
 
 
 def dataset_adapter(wildcards):

@@ -8,6 +8,7 @@ rule filter_frontal:
     output:
         frontal="results/frontal/{dataset}.parquet",
         excluded="results/frontal/{dataset}.excluded.parquet",
+        kept_apart="results/frontal/{dataset}.kept_apart.parquet",
         audit="results/frontal/{dataset}.audit.json",
     params:
         policy=config["views"],

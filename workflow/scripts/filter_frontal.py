@@ -12,6 +12,7 @@ with Step(snakemake) as step:
         snakemake.params.policy,
         frontal_path=Path(snakemake.output.frontal),
         excluded_path=Path(snakemake.output.excluded),
+        kept_apart_path=Path(snakemake.output.kept_apart),
         audit_path=Path(snakemake.output.audit),
         seed=snakemake.config["seed"],
     )

@@ -1,0 +1,64 @@
+# CheXficient: curated CLIP pretraining, then zero-shot findings and image<->report retrieval.
+# GPUs: `gpu`/`nodes` default to a CPU run here; the Slurm profile sets them (set-resources).
+
+
+rule pretrain_clip:
+    input:
+        shards=clip_shards,
+    output:
+        model=directory("results/models/clip"),
+    log:
+        "logs/pretrain_clip/clip.log",
+    benchmark:
+        "benchmarks/pretrain_clip/clip.tsv"
+    threads: 2
+    resources:
+        gpu=0,
+        nodes=1,
+    params:
+        settings=config["clip"],
+        seed=config["seed"],
+        work_dir="results/.work/models/clip",
+        code=code("cxrfoundry.train.clip"),
+    script:
+        "../workflow/scripts/pretrain_clip.py"
+
+
+rule zeroshot:
+    input:
+        model="results/models/clip",
+        shards=clip_shards,
+    output:
+        metrics="results/benchmarks/clip/zeroshot.json",
+    log:
+        "logs/zeroshot/clip.log",
+    benchmark:
+        "benchmarks/zeroshot/clip.tsv"
+    resources:
+        gpu=0,
+    params:
+        settings=config["clip"]["eval"],
+        seed=config["seed"],
+        code=code("cxrfoundry.eval.zeroshot"),
+    script:
+        "../workflow/scripts/zeroshot.py"
+
+
+rule retrieval:
+    input:
+        model="results/models/clip",
+        shards=clip_shards,
+    output:
+        metrics="results/benchmarks/clip/retrieval.json",
+    log:
+        "logs/retrieval/clip.log",
+    benchmark:
+        "benchmarks/retrieval/clip.tsv"
+    resources:
+        gpu=0,
+    params:
+        settings=config["clip"]["eval"],
+        seed=config["seed"],
+        code=code("cxrfoundry.eval.retrieval"),
+    script:
+        "../workflow/scripts/retrieval.py"

@@ -1,0 +1,20 @@
+"""Snakemake adapter: rule finetune_cls (classification head on any backbone)."""
+
+from pathlib import Path
+
+from cxrfoundry.pipeline import Step
+from cxrfoundry.train.finetune import finetune_classification
+
+with Step(snakemake) as step:
+    result = finetune_classification(
+        shards_dir=Path(snakemake.input.shards),
+        backbone=snakemake.params.backbone,
+        out_json=Path(snakemake.output.metrics),
+        cfg=snakemake.params.settings,
+        seed=snakemake.params.seed,
+        model_name=snakemake.wildcards.model,
+        dataset=snakemake.params.dataset,
+        log_metrics=step.log_metrics,
+    )
+    step.log_metrics({"auroc_mean": result["value"], "n": result["n"]})
+    step.log_artifact(snakemake.output.metrics)
