@@ -1,0 +1,467 @@
+"""Tests for cxrfoundry.data.shards (writing) and cxrfoundry.data.dataset (reading)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+from torch.utils.data import DataLoader
+
+from cxrfoundry.data import imaging
+from cxrfoundry.data.dataset import ShardDataset, ShardIterableDataset, list_shards
+from cxrfoundry.data.shards import FAULT_ENV, ShardSource, write_shards
+from cxrfoundry.schema import (
+    FINDING_COLUMNS,
+    REJECTS_SCHEMA,
+    REPORTS_SCHEMA,
+    SHARD_SCHEMA,
+    conform,
+)
+
+IMAGE_SIZE = 32
+PARAMS = {
+    "corpus": "demo",
+    "image_size": IMAGE_SIZE,
+    "target_shard_mb": 0.008,
+    "row_group_size": 2,
+    "seed": 7,
+}
+
+
+def _row(dataset: str, i: int, image_path: str, split: str, mask_path: str | None = None) -> dict:
+    rng = np.random.default_rng(i)
+    row = {
+        "image_id": f"{dataset}/{i:04d}",
+        "dataset": dataset,
+        "patient_id": f"{dataset}-p{i // 2}",
+        "study_id": f"{dataset}-s{i}",
+        "image_path": image_path,
+        "view": "PA",
+        "view_source": "metadata",
+        "sex": ["M", "F", None][i % 3],
+        "age": None if i % 5 == 0 else float(20 + i),
+        "race": None,
+        "labels_extra": "{}",
+        "report": f"Report {i}.",
+        "split": split,
+        "mask_path": mask_path,
+        "report_source": "template",
+        "qc_status": "pass",
+        "qc_flags": "[]",
+    }
+    for col in FINDING_COLUMNS:
+        row[col] = [1, 0, -1, None][int(rng.integers(4))]
+    return row
+
+
+def build_sources(root: Path, n_a: int = 26, n_b: int = 10) -> list[ShardSource]:
+    """Two datasets: 8-/16-bit PNGs with masks (A) and DICOMs incl. RLE (B), plus bad rows."""
+    rng = np.random.default_rng(0)
+    splits = ["train", "train", "val", "test"]
+    rows_a, rows_b = [], []
+    root_a, root_b = root / "a", root / "b"
+    (root_a / "img").mkdir(parents=True)
+    (root_a / "mask").mkdir()
+    root_b.mkdir()
+    for i in range(n_a):
+        h, w = 40 + i % 9, 36 + (i * 3) % 11
+        if i % 4 == 3:
+            pixels = rng.integers(0, 65535, (h, w), dtype=np.uint16)
+            (root_a / "img" / f"{i}.png").write_bytes(imaging.encode_png(pixels))
+        else:
+            Image.fromarray(rng.integers(0, 255, (h, w), dtype=np.uint8)).save(
+                root_a / "img" / f"{i}.png"
+            )
+        mask_path = None
+        if i % 3 == 0:
+            mask = np.zeros((h, w), dtype=np.uint8)
+            mask[5:20, 5:15] = 1
+            mask[15:30, 10:25] |= 2
+            Image.fromarray(mask).save(root_a / "mask" / f"{i}.png")
+            mask_path = f"mask/{i}.png"
+        rows_a.append(_row("a", i, f"img/{i}.png", splits[i % 4], mask_path))
+    (root_a / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    rows_a.append(_row("a", 900, "img/corrupt.png", "train"))
+    rows_a.append(_row("a", 901, "img/missing.png", "val"))
+    rows_a.append(_row("a", 902, "img/0.png", "holdout"))  # unknown split
+    rows_a.append(_row("a", 903, "img/0.png", "train", "mask/missing.png"))  # mask missing
+    dup = _row("a", 0, "img/1.png", "train")  # duplicate image_id a/0000
+    rows_a.append(dup)
+    for i in range(n_b):
+        arr = rng.integers(0, 4095, (48, 40), dtype=np.uint16)
+        make_dicom(
+            root_b / f"{i}.dcm",
+            arr,
+            photometric="MONOCHROME1" if i % 2 else "MONOCHROME2",
+            compress=i % 3 == 0,
+        )
+        rows_b.append(_row("b", i, f"{i}.dcm", splits[i % 4]))
+    return [
+        ShardSource("a", conform(rows_a, REPORTS_SCHEMA), root_a),
+        ShardSource("b", conform(rows_b, REPORTS_SCHEMA), root_b),
+    ]
+
+
+def make_dicom(path: Path, arr: np.ndarray, photometric: str, compress: bool) -> None:
+    """A minimal 12-bit DICOM file (optionally RLE-compressed)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.set_pixel_data(arr, photometric, 12)
+    if compress:
+        ds.compress(RLELossless)
+    ds.save_as(path, enforce_file_format=True)
+
+
+N_BAD = 5  # corrupt, missing, unknown split, missing mask, duplicate id
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> list[ShardSource]:
+    return build_sources(tmp_path_factory.mktemp("raw"))
+
+
+@pytest.fixture(scope="module")
+def written(
+    sources: list[ShardSource], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict]:
+    base = tmp_path_factory.mktemp("ref")
+    index = write_shards(sources, base / "out", workers=2, work_dir=base / "work", **PARAMS)
+    return base / "out", index
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_index_counts_and_files(written: tuple[Path, dict], sources: list[ShardSource]) -> None:
+    out, index = written
+    rows_in = sum(s.table.num_rows for s in sources)
+    counts = index["counts"]
+    assert counts["rows_in"] == rows_in
+    assert counts["rows_rejected"] == N_BAD
+    assert counts["rows_written"] == rows_in - N_BAD
+    assert index["datasets"] == ["a", "b"]
+    assert index == json.loads((out / "index.json").read_text())
+    names = sorted(p.name for p in out.glob("*-*.parquet"))
+    assert names == sorted(e["file"] for e in index["shards"])
+    assert len(names) > 3  # several shards per split with this tiny target size
+    for split, total in index["splits"].items():
+        entries = [e for e in index["shards"] if e["split"] == split]
+        assert total["rows"] == sum(e["rows"] for e in entries)
+        assert [e["file"] for e in entries] == [
+            f"{split}-{i:05d}.parquet" for i in range(len(entries))
+        ]
+
+
+def test_shard_schema_rows_and_pixels(written: tuple[Path, dict]) -> None:
+    out, index = written
+    rows_per_shard = index["params"]["rows_per_shard"]
+    seen = []
+    for entry in index["shards"]:
+        handle = pq.ParquetFile(out / entry["file"])
+        assert handle.schema_arrow.equals(SHARD_SCHEMA)
+        assert handle.metadata.num_rows == entry["rows"] <= rows_per_shard
+        assert all(
+            handle.metadata.row_group(g).num_rows <= PARAMS["row_group_size"]
+            for g in range(handle.metadata.num_row_groups)
+        )
+        table = handle.read()
+        assert set(table.column("split").to_pylist()) == {entry["split"]}
+        for row in table.select(["image_id", "image", "height", "width", "mask"]).to_pylist():
+            img = imaging.decode_image(row["image"])
+            assert img.shape == (row["height"], row["width"]) == (IMAGE_SIZE, IMAGE_SIZE)
+            assert img.dtype == np.uint8  # bit_depth=8 (default) even for 16-bit sources
+            if row["mask"] is not None:
+                mask = imaging.decode_image(row["mask"])
+                assert mask.shape == img.shape and set(np.unique(mask)) <= {0, 1, 2, 3}
+            seen.append(row["image_id"])
+    assert len(seen) == len(set(seen)) == index["counts"]["rows_written"]
+    files = [out / e["file"] for e in index["shards"]]
+    masked = pq.read_table(files, columns=["mask"]).column("mask").drop_null()
+    assert len(masked) == 9  # rows 0, 3, ..., 24 of dataset a
+
+
+def test_rejects_have_reasons(written: tuple[Path, dict]) -> None:
+    out, _ = written
+    rejects = pq.read_table(out / "rejects.parquet")
+    assert rejects.schema.equals(REJECTS_SCHEMA)
+    reasons = dict(
+        zip(
+            rejects.column("image_id").to_pylist(),
+            rejects.column("reason").to_pylist(),
+            strict=True,
+        )
+    )
+    assert len(rejects) == N_BAD
+    assert "decode failed: image img/corrupt.png" in reasons["a/0900"]
+    assert "img/missing.png: file not found" in reasons["a/0901"]
+    assert "unknown split 'holdout'" in reasons["a/0902"]
+    assert "mask mask/missing.png" in reasons["a/0903"]
+    assert set(rejects.column("stage").to_pylist()) == {"shard"}
+    dup = [r for r in rejects.to_pylist() if r["reason"].startswith("duplicate image_id")]
+    assert len(dup) == 1 and dup[0]["image_id"] == "a/0000" and dup[0]["source_row"] == 30
+
+
+def test_deterministic_across_workers_and_16bit(
+    sources: list[ShardSource], written: tuple[Path, dict], tmp_path: Path
+) -> None:
+    out, _ = written
+    write_shards(sources, tmp_path / "out1", workers=1, work_dir=tmp_path / "w1", **PARAMS)
+    assert _files(tmp_path / "out1") == _files(out)
+
+    deep = write_shards(
+        sources, tmp_path / "out16", workers=1, work_dir=tmp_path / "w16", bit_depth=16, **PARAMS
+    )
+    files = [tmp_path / "out16" / e["file"] for e in deep["shards"]]
+    table = pq.read_table(files, columns=["image_id", "image"])
+    dtypes = {
+        i: imaging.decode_image(b).dtype
+        for i, b in zip(
+            table.column("image_id").to_pylist(), table.column("image").to_pylist(), strict=True
+        )
+    }
+    assert dtypes["a/0003"] == np.uint16 and dtypes["a/0001"] == np.uint8
+    assert dtypes["b/0001"] == np.uint16  # 12-bit DICOM keeps its depth
+    # Different settings are a different plan/fingerprint: nothing from the 8-bit run is reused.
+    assert deep["params"]["bit_depth"] == 16
+
+
+_CHILD = """
+import pyarrow.parquet as pq
+from pathlib import Path
+from cxrfoundry.data.shards import ShardSource, write_shards
+srcs = [ShardSource(n, pq.read_table(t), Path(r)) for n, t, r in {srcs!r}]
+write_shards(srcs, Path({out!r}), workers=2, work_dir=Path({work!r}), **{params!r})
+"""
+
+
+def test_killed_run_resumes_byte_identical(
+    sources: list[ShardSource], written: tuple[Path, dict], tmp_path: Path
+) -> None:
+    ref_out, ref_index = written
+    specs = []
+    for s in sources:
+        pq.write_table(s.table, tmp_path / f"{s.dataset}.parquet")
+        specs.append((s.dataset, str(tmp_path / f"{s.dataset}.parquet"), str(s.raw_root)))
+    out, work = tmp_path / "out", tmp_path / "work"
+    code = _CHILD.format(srcs=specs, out=str(out), work=str(work), params=PARAMS)
+    # SIGKILL right after the first row group of the second shard: one shard finished, the
+    # next one half-written.
+    first_groups = -(-ref_index["shards"][0]["rows"] // PARAMS["row_group_size"])
+    env = {**os.environ, FAULT_ENV: str(first_groups + 1)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert not out.exists()  # nothing published that Snakemake could take for finished
+    done = sorted(p.name for p in work.glob("*.done.json"))
+    assert done == ["train-00000.done.json"]
+    assert list(work.glob(".*.tmp"))  # the half-written shard's temporary file
+    inode = (work / "train-00000.parquet").stat().st_ino
+
+    write_shards(sources, out, workers=2, work_dir=work, **PARAMS)
+    assert _files(out) == _files(ref_out)
+    assert (work / "train-00000.parquet").stat().st_ino == inode  # reused, not rebuilt
+    assert not list(work.glob(".*.tmp"))
+
+
+def test_corrupt_work_shard_is_rebuilt(
+    sources: list[ShardSource], written: tuple[Path, dict], tmp_path: Path
+) -> None:
+    ref_out, _ = written
+    out, work = tmp_path / "out", tmp_path / "work"
+    write_shards(sources, out, workers=1, work_dir=work, **PARAMS)
+    shard = work / "val-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.unlink()  # published copy is a hard link: replace, do not edit in place
+    shard.write_bytes(bytes(data))
+    write_shards(sources, out, workers=1, work_dir=work, **PARAMS)
+    assert _files(out) == _files(ref_out)
+
+
+def test_bad_settings_raise(sources: list[ShardSource], tmp_path: Path) -> None:
+    params = {**PARAMS, "workers": 1}
+    with pytest.raises(ValueError, match="resize_policy"):
+        write_shards(sources, tmp_path / "o", resize_policy="zoom", **params)
+    with pytest.raises(ValueError, match="jpeg"):
+        write_shards(sources, tmp_path / "o", image_format="jpeg", bit_depth=16, **params)
+    broken = ShardSource("x", pa.table({"image_id": ["x/1"]}), tmp_path)
+    with pytest.raises(ValueError, match="source 'x'"):
+        write_shards([broken], tmp_path / "o", **params)
+
+
+# --- reading without project code --------------------------------------------------------------
+
+
+def test_read_with_polars_pyarrow_and_hf_datasets(
+    written: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import polars as pl
+
+    out, index = written
+    files = [str(out / e["file"]) for e in index["shards"]]
+    total = index["counts"]["rows_written"]
+
+    frame = pl.read_parquet(files)
+    assert frame.height == total
+    table = pq.read_table(files)
+    assert table.num_rows == total
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    import datasets
+
+    train_files = [str(out / e["file"]) for e in index["shards"] if e["split"] == "train"]
+    ds = datasets.load_dataset(
+        "parquet", data_files={"train": train_files}, cache_dir=str(tmp_path / "hf")
+    )["train"]
+    assert len(ds) == index["splits"]["train"]["rows"]
+
+    # Image bytes decode (with plain Pillow) to the stored height/width in every reader.
+    import io
+
+    for image, height, width in zip(
+        frame["image"].to_list(), frame["height"].to_list(), frame["width"].to_list(), strict=True
+    ):
+        assert Image.open(io.BytesIO(image)).size == (width, height)
+    for row in ds:
+        assert Image.open(io.BytesIO(row["image"])).size == (row["width"], row["height"])
+
+
+# --- torch datasets ----------------------------------------------------------------------------
+
+
+def test_list_shards(written: tuple[Path, dict]) -> None:
+    out, index = written
+    val = list_shards(out, "val", verify=True)
+    assert [p.name for p in val] == [e["file"] for e in index["shards"] if e["split"] == "val"]
+    with pytest.raises(FileNotFoundError, match=r"index\.json"):
+        list_shards(out / "nope")
+
+
+def test_map_dataset(written: tuple[Path, dict]) -> None:
+    out, index = written
+    ds = ShardDataset(out, include_mask=True, cache_row_groups=2)
+    assert len(ds) == index["counts"]["rows_written"]
+    rows = {ds[i]["image_id"]: ds[i] for i in range(len(ds))}
+    assert len(rows) == len(ds)
+    sample = ds[-1]
+    assert sample["image"].shape == (1, IMAGE_SIZE, IMAGE_SIZE)
+    assert sample["image"].dtype == torch.float32
+    assert float(sample["image"].min()) >= 0.0 and float(sample["image"].max()) <= 1.0
+    assert sample["labels"].shape == (14,) and sample["label_mask"].all()
+    assert rows["a/0003"]["has_mask"] and not rows["a/0001"]["has_mask"]
+    assert rows["a/0003"]["mask"].shape == (1, IMAGE_SIZE, IMAGE_SIZE)
+
+    # Label policies: U-Ones vs ignore, against the raw values.
+    raw = ShardDataset(out, uncertain="positive", unmentioned="ignore")
+    for i in range(len(raw)):
+        row, sample = raw.row(i), raw[i]
+        for k, col in enumerate(FINDING_COLUMNS):
+            value = row[col]
+            expected = {None: 0.0, -1: 1.0, 0: 0.0, 1: 1.0}[value]
+            assert float(sample["labels"][k]) == expected
+            assert bool(sample["label_mask"][k]) == (value is not None)
+    with pytest.raises(ValueError, match="uncertain"):
+        ShardDataset(out, uncertain="maybe")
+    raw_pixels = ShardDataset(out, normalize=False)[0]["image"]
+    assert raw_pixels.dtype == torch.uint8
+    assert torch.allclose(raw_pixels.float() / 255, ShardDataset(out)[0]["image"])
+
+    # Works inside a DataLoader with worker processes (lazy handles are not pickled).
+    loader = DataLoader(ShardDataset(out, "train"), batch_size=4, num_workers=2)
+    ids = [i for batch in loader for i in batch["image_id"]]
+    assert len(ids) == index["splits"]["train"]["rows"] == len(set(ids))
+
+
+@pytest.mark.parametrize("split_by", ["shard", "row_group"])
+def test_iterable_every_row_once_across_ranks_and_workers(
+    written: tuple[Path, dict], split_by: str
+) -> None:
+    out, index = written
+    seen: Counter[str] = Counter()
+    orders = {}
+    for epoch in (0, 1):
+        epoch_ids = []
+        for rank in (0, 1):
+            ds = ShardIterableDataset(
+                out, seed=3, buffer_size=5, split_by=split_by, rank=rank, world_size=2
+            )
+            ds.set_epoch(epoch)
+            expected = len(ds)
+            loader = DataLoader(ds, batch_size=3, num_workers=2)
+            ids = [i for batch in loader for i in batch["image_id"]]
+            assert len(ids) == expected
+            epoch_ids += ids
+        seen.update(epoch_ids)
+        orders[epoch] = epoch_ids
+    assert len(seen) == index["counts"]["rows_written"]
+    assert set(seen.values()) == {2}  # exactly once per epoch
+    assert orders[0] != orders[1]  # reshuffled by set_epoch
+
+
+def test_iterable_unshuffled_matches_file_order(written: tuple[Path, dict]) -> None:
+    out, _ = written
+    ds = ShardIterableDataset(out, "test", shuffle=False)
+    ids = [s["image_id"] for s in ds]
+    expected = pq.read_table(list_shards(out, "test"), columns=["image_id"]).column(0).to_pylist()
+    assert ids == expected
+
+
+def test_shard_corpus_entry_point(
+    sources: list[ShardSource], written: tuple[Path, dict], tmp_path: Path
+) -> None:
+    from cxrfoundry.data.shards import shard_corpus
+
+    ref_out, _ = written
+    paths = []
+    for s in sources:
+        pq.write_table(s.table, tmp_path / f"{s.dataset}.parquet")
+        paths.append(tmp_path / f"{s.dataset}.parquet")
+    settings = {k: v for k, v in PARAMS.items() if k not in ("corpus", "seed")}
+    index = shard_corpus(
+        corpus="demo",
+        datasets=[s.dataset for s in sources],
+        report_paths=paths,
+        raw_roots=[s.raw_root for s in sources],
+        out_dir=tmp_path / "out",
+        settings={**settings, "workers": 2},
+        seed=PARAMS["seed"],
+        work_dir=tmp_path / "work",
+    )
+    assert _files(tmp_path / "out") == _files(ref_out)
+    assert index["counts"]["rows_rejected"] == N_BAD
+    with pytest.raises(ValueError, match="unknown keys"):
+        shard_corpus(
+            corpus="demo",
+            datasets=["a"],
+            report_paths=paths[:1],
+            raw_roots=[sources[0].raw_root],
+            out_dir=tmp_path / "o2",
+            settings={"image_size": 32, "colour": "blue"},
+            seed=0,
+        )
