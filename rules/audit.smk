@@ -17,3 +17,21 @@ rule data_audit:
         "logs/data_audit/all.log",
     script:
         "../workflow/scripts/data_audit.py"
+
+
+# The reproducibility audit: every output against its provenance record, an unbroken chain of
+# hashes from raw files to the last output, and what is stale against the current code.
+# `cxrfoundry audit` does the same from the command line and also compares params.
+rule audit:
+    input:
+        pipeline_targets(),
+    output:
+        json="results/audit/audit.json",
+        md="results/audit/audit.md",
+    params:
+        out_dir="results/audit",
+        code=code("cxrfoundry.audit"),
+    log:
+        "logs/audit/all.log",
+    script:
+        "../workflow/scripts/audit.py"

@@ -511,6 +511,7 @@ def audit(
     *,
     check_raw: bool = True,
     stale: bool = True,
+    check_params: bool = True,
     current_params: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
     snakefile: Path | None = None,
     configfiles: Sequence[Path] = (),
@@ -520,7 +521,9 @@ def audit(
 
     ``current_params``: the params each job would get now; by default read from the workflow with
     :func:`snakemake_current_params` when ``workdir`` has a Snakefile (stale check of params),
-    else params are not compared. ``target``: also require that this output has a record and
+    else params are not compared. ``check_params=False`` skips planning the workflow (the
+    ``audit`` rule runs inside Snakemake, which already reruns jobs whose params changed); code
+    hashes are still compared. ``target``: also require that this output has a record and
     audit only its ancestry.
     """
     root = Path(workdir).resolve()
@@ -541,7 +544,8 @@ def audit(
     if check_raw:
         report.raw_files_checked = verify_raw(root, report.findings)
     if stale:
-        if current_params is None and (snakefile or (root / "Snakefile").is_file()):
+        wants_plan = check_params and (snakefile or (root / "Snakefile").is_file())
+        if current_params is None and wants_plan:
             # Plan exactly the recorded jobs: their outputs are the DAG's targets.
             targets = sorted({o for r in records.values() for o in r["outputs"]})
             try:
@@ -570,6 +574,15 @@ def ancestry(records: Mapping[str, Mapping[str, Any]], target: str) -> dict[str,
         keep[name] = dict(records[name])
         stack.extend(producer[i] for i in records[name]["inputs"] if i in producer)
     return keep
+
+
+def audit_to_files(workdir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> dict:
+    """The ``audit`` rule: audit the run in ``workdir`` and write its report; fail if not ok."""
+    report = audit(workdir, check_params=False)
+    json_path, _ = write_report(report, out_dir)
+    if not report.ok:
+        raise RuntimeError(f"reproducibility audit failed, see {json_path}")
+    return {"records": report.records, "stale": len(report.stale), "errors": len(report.errors)}
 
 
 def write_report(report: AuditReport, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
