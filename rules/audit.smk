@@ -9,12 +9,14 @@ rule data_audit:
         shards=expand("results/shards/{corpus}", corpus=CORPORA),
     output:
         audit="results/audit/data.json",
+    log:
+        "logs/data_audit/all.log",
+    conda:
+        "../envs/cxrfoundry.yaml"
     params:
         datasets=DATASETS,
         corpora=CORPORA,
         code=code("cxrfoundry.data.audit"),
-    log:
-        "logs/data_audit/all.log",
     script:
         "../workflow/scripts/data_audit.py"
 
@@ -28,10 +30,11 @@ rule audit:
     output:
         json="results/audit/audit.json",
         md="results/audit/audit.md",
-    params:
-        out_dir="results/audit",
-        code=code("cxrfoundry.audit"),
     log:
         "logs/audit/all.log",
+    conda:
+        "../envs/cxrfoundry.yaml"
+    params:
+        code=code("cxrfoundry.audit"),
     script:
         "../workflow/scripts/audit.py"

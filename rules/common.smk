@@ -6,7 +6,6 @@ from snakemake.utils import validate
 
 from cxrfoundry.provenance import code_hash
 
-
 validate(config, schema="../config/schema/config.schema.yaml")
 
 DATASETS = sorted(config["datasets"])
@@ -123,4 +122,6 @@ def init_tracking():
         return
     from cxrfoundry.tracking import init_store
 
-    init_store(mlflow_cfg, mlflow_cfg.get("experiment") or f"cxrfoundry-{config['name']}")
+    init_store(
+        mlflow_cfg, mlflow_cfg.get("experiment") or f"cxrfoundry-{config['name']}"
+    )

@@ -9,14 +9,16 @@ rule ingest:
         manifest="results/manifests/{dataset}.parquet",
         rejects="results/manifests/{dataset}.rejects.parquet",
         audit="results/manifests/{dataset}.audit.json",
-    params:
-        adapter=dataset_adapter,
-        options=dataset_ingest_options,
-        code=code("cxrfoundry.data.ingest"),
     log:
         "logs/ingest/{dataset}.log",
     benchmark:
         "benchmarks/ingest/{dataset}.tsv"
+    conda:
+        "../envs/cxrfoundry.yaml"
     threads: 2
+    params:
+        adapter=dataset_adapter,
+        options=dataset_ingest_options,
+        code=code("cxrfoundry.data.ingest"),
     script:
         "../workflow/scripts/ingest.py"

@@ -10,17 +10,19 @@ rule synthesize_reports:
     output:
         reports="results/reports/{dataset}.parquet",
         audit="results/reports/{dataset}.audit.json",
+    log:
+        "logs/synthesize_reports/{dataset}.log",
+    benchmark:
+        "benchmarks/synthesize_reports/{dataset}.tsv"
+    conda:
+        "../envs/cxrfoundry.yaml"
+    resources:
+        gpu=reports_gpus,
     params:
         settings=config["reports"],
         llm_policy=dataset_llm_policy,
         seed=config["seed"],
         cache_dir=config["reports"]["cache_dir"],
         code=code("cxrfoundry.reports.synthesize"),
-    resources:
-        gpu=reports_gpus,
-    log:
-        "logs/synthesize_reports/{dataset}.log",
-    benchmark:
-        "benchmarks/synthesize_reports/{dataset}.tsv"
     script:
         "../workflow/scripts/synthesize_reports.py"

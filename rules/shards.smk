@@ -7,16 +7,18 @@ rule shard:
         raw=corpus_raw_dirs,
     output:
         shards=directory("results/shards/{corpus}"),
+    log:
+        "logs/shard/{corpus}.log",
+    benchmark:
+        "benchmarks/shard/{corpus}.tsv"
+    conda:
+        "../envs/cxrfoundry.yaml"
+    threads: 8
     params:
         datasets=corpus_datasets,
         settings=config["shards"],
         seed=config["seed"],
         work_dir="results/.work/shards/{corpus}",
         code=code("cxrfoundry.data.shards"),
-    log:
-        "logs/shard/{corpus}.log",
-    benchmark:
-        "benchmarks/shard/{corpus}.tsv"
-    threads: 8
     script:
         "../workflow/scripts/shard.py"

@@ -10,12 +10,14 @@ rule filter_frontal:
         excluded="results/frontal/{dataset}.excluded.parquet",
         kept_apart="results/frontal/{dataset}.kept_apart.parquet",
         audit="results/frontal/{dataset}.audit.json",
-    params:
-        policy=config["views"],
-        code=code("cxrfoundry.data.views"),
     log:
         "logs/filter_frontal/{dataset}.log",
     benchmark:
         "benchmarks/filter_frontal/{dataset}.tsv"
+    conda:
+        "../envs/cxrfoundry.yaml"
+    params:
+        policy=config["views"],
+        code=code("cxrfoundry.data.views"),
     script:
         "../workflow/scripts/filter_frontal.py"
