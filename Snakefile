@@ -9,7 +9,7 @@ min_version("9.0")
 # with defaults from the schema) instead of being merged into it, so no demo dataset leaks in.
 if not workflow.config_settings.configfiles:
 
-    configfile: "config/config.yaml"
+    configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 include: "rules/common.smk"

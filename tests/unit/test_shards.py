@@ -23,10 +23,16 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     generate_uid,
 )
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from cxrfoundry.data import imaging
-from cxrfoundry.data.dataset import ShardDataset, ShardIterableDataset, list_shards
+from cxrfoundry.data.dataset import (
+    ShardDataset,
+    ShardIterableDataset,
+    decode_pixels,
+    list_shards,
+    to_float,
+)
 from cxrfoundry.data.shards import FAULT_ENV, ShardSource, write_shards
 from cxrfoundry.schema import (
     FINDING_COLUMNS,
@@ -430,6 +436,113 @@ def test_iterable_unshuffled_matches_file_order(written: tuple[Path, dict]) -> N
     ids = [s["image_id"] for s in ds]
     expected = pq.read_table(list_shards(out, "test"), columns=["image_id"]).column(0).to_pylist()
     assert ids == expected
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _assert_batches_equal(got: dict, want: dict) -> None:
+    assert list(got) == list(want)
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+            assert torch.equal(got[key].nan_to_num(-1), value.nan_to_num(-1)), key
+        else:
+            assert got[key] == value, key
+
+
+@pytest.mark.parametrize(
+    ("normalize", "include_mask", "policy"),
+    [(True, False, "negative"), (False, True, "ignore"), (False, False, "positive")],
+)
+def test_iterable_batches_equal_collated_samples(
+    written: tuple[Path, dict], normalize: bool, include_mask: bool, policy: str
+) -> None:
+    out, _ = written
+    common = {
+        "seed": 5,
+        "buffer_size": 7,
+        "split_by": "row_group",
+        "normalize": normalize,
+        "include_mask": include_mask,
+        "uncertain": policy,
+        "unmentioned": "ignore" if policy == "ignore" else "negative",
+    }
+    samples = list(ShardIterableDataset(out, **common))
+    batches = list(ShardIterableDataset(out, batch_size=4, **common))
+    assert [len(b["image_id"]) for b in batches] == [len(c) for c in _chunks(samples, 4)]
+    for got, chunk in zip(batches, _chunks(samples, 4), strict=True):
+        _assert_batches_equal(got, default_collate(chunk))
+    # The dtype-aware scaling after transfer gives exactly the in-worker float images.
+    if not normalize:
+        floats = list(ShardIterableDataset(out, batch_size=4, **{**common, "normalize": True}))
+        for raw, ref in zip(batches, floats, strict=True):
+            assert raw["image"].dtype == torch.uint8
+            assert torch.equal(to_float(raw)["image"], ref["image"])
+    dropped = list(ShardIterableDataset(out, batch_size=4, drop_last=True, **common))
+    assert [len(b["image_id"]) for b in dropped] == [4] * (len(samples) // 4)
+
+
+def test_iterable_batches_every_row_once_across_ranks_and_workers(
+    written: tuple[Path, dict],
+) -> None:
+    out, index = written
+    seen: Counter[str] = Counter()
+    for rank in (0, 1):
+        ds = ShardIterableDataset(
+            out,
+            seed=3,
+            buffer_size=5,
+            split_by="row_group",
+            rank=rank,
+            world_size=2,
+            batch_size=3,
+            normalize=False,
+        )
+        batches = list(ds.loader(num_workers=2, pin_memory=False))
+        assert len(batches) == ds.num_batches(num_workers=2)
+        assert all(b["image"].shape[1:] == (1, IMAGE_SIZE, IMAGE_SIZE) for b in batches)
+        assert all(b["image"].dtype == torch.uint8 for b in batches)
+        ids = [i for b in batches for i in b["image_id"]]
+        assert len(ids) == len(ds)
+        seen.update(ids)
+        # Same seed, same worker count: the same batches again, bit for bit.
+        again = list(ds.loader(num_workers=2))
+        assert [b["image_id"] for b in again] == [b["image_id"] for b in batches]
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(again, batches, strict=True))
+    assert len(seen) == index["counts"]["rows_written"]
+    assert set(seen.values()) == {1}
+
+
+def test_iterable_batches_mixed_bit_depth(sources: list[ShardSource], tmp_path: Path) -> None:
+    params = {**PARAMS, "target_shard_mb": 1.0}
+    index = write_shards(sources, tmp_path / "out", workers=1, bit_depth=16, **params)
+    assert index["counts"]["rows_written"] > 0
+    out = tmp_path / "out"
+    common = {"shuffle": False, "normalize": False}
+    samples = list(ShardIterableDataset(out, **common))
+    dtypes = {s["image"].dtype for s in samples}
+    assert dtypes == {torch.uint8, torch.uint16}  # 8-bit PNGs stay 8-bit, DICOMs are 16-bit
+    batches = list(ShardIterableDataset(out, batch_size=len(samples), **common))
+    assert len(batches) == 1 and batches[0]["image"].dtype == torch.uint16
+    floats = to_float(batches[0])["image"]
+    for k, sample in enumerate(samples):
+        top = 255.0 if sample["image"].dtype == torch.uint8 else 65535.0
+        expected = sample["image"].to(torch.float32) / top
+        assert torch.allclose(floats[k], expected, atol=1e-7, rtol=0)
+    reference = ShardIterableDataset(out, batch_size=len(samples), shuffle=False)
+    assert torch.allclose(next(iter(reference))["image"], floats, atol=1e-7, rtol=0)
+
+
+def test_decode_pixels_errors_and_matches_imaging(written: tuple[Path, dict]) -> None:
+    out, _ = written
+    data = pq.read_table(list_shards(out)[0], columns=["image"]).column(0)[0].as_py()
+    assert np.array_equal(decode_pixels(data), imaging.decode_image(data))
+    with pytest.raises(imaging.ImageDecodeError, match="row-7"):
+        decode_pixels(b"\x89PNG\r\n\x1a\n broken", name="row-7")
+    with pytest.raises(ValueError, match="batch_size"):
+        ShardIterableDataset(out, batch_size=0)
 
 
 def test_shard_corpus_entry_point(

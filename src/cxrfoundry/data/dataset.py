@@ -15,21 +15,33 @@ returns for it), ``labels`` (14 float32, CheXpert order of
 ``report``, ``image_id``, ``dataset``, ``split``, ``view``, demographics (``sex``, ``age``,
 ``race``; missing strings are ``""`` and a missing age ``nan`` so default collation works) and,
 when asked, ``mask`` (uint8 ``1×H×W`` label bits) with ``has_mask``.
+
+Fast path for training: ``ShardIterableDataset(..., batch_size=B, normalize=False)`` yields
+whole batches from each worker — the same dict :func:`torch.utils.data.default_collate` would
+build from B samples, but decoded straight into one preallocated (shared-memory) ``B×1×H×W``
+uint8 tensor, with labels computed per row group in numpy. The DataLoader then moves one tensor
+per batch (``DataLoader(ds, batch_size=None)``, or :meth:`ShardIterableDataset.loader`), at a
+quarter of the float32 bytes; :func:`to_float` scales to [0, 1] after the transfer (on the GPU
+when given a device).
 """
 
 from __future__ import annotations
 
 import bisect
+import io
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
 from cxrfoundry import io as cio
 from cxrfoundry.data import imaging
@@ -91,6 +103,29 @@ def _resolve(shards: ShardSpec, split: str | None) -> list[Path]:
     return [Path(p) for p in shards]
 
 
+def decode_pixels(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
+    """Decode a shard's PNG/JPEG bytes to a 2-D uint8/uint16 array, with one copy.
+
+    Same result as :func:`imaging.decode_image` for the modes shards store (``L``, ``I;16``);
+    the array may be read-only (it wraps Pillow's buffer). Other modes go through
+    :func:`imaging.decode_image`. Raises :class:`imaging.ImageDecodeError` naming ``name``.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode == "L":
+                return np.asarray(img)
+            if img.mode in ("I;16", "I;16L", "I;16B"):
+                return np.asarray(img).astype(np.uint16, copy=False)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise imaging.ImageDecodeError(name, f"cannot decode image bytes ({exc})") from exc
+    return imaging.decode_image(data, name=name)
+
+
+def _scale(dtype: np.dtype) -> np.float32:
+    return np.float32(1.0 / np.iinfo(dtype).max)
+
+
 class SampleDecoder:
     """Turns one shard row (a dict of column values) into the sample dict both datasets yield."""
 
@@ -136,20 +171,42 @@ class SampleDecoder:
                 values[i] = float(value)
         return torch.from_numpy(values), torch.from_numpy(mask)
 
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Decode ``row``; raises :class:`imaging.ImageDecodeError` naming the image_id."""
+    def label_arrays(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`labels` for every row of ``table`` at once: (float32[n, 14], bool[n, 14])."""
+        n = table.num_rows
+        values = np.zeros((n, len(FINDING_COLUMNS)), dtype=np.float32)
+        mask = np.ones((n, len(FINDING_COLUMNS)), dtype=bool)
+        uncertain_value = 1.0 if self.uncertain == "positive" else 0.0
+        for i, col in enumerate(FINDING_COLUMNS):
+            column = table.column(col)
+            null = column.is_null().to_numpy(zero_copy_only=False)
+            raw = column.fill_null(0).to_numpy(zero_copy_only=False).astype(np.float32)
+            uncertain = raw == -1
+            values[:, i] = np.where(uncertain, uncertain_value, raw)
+            mask[null, i] = self.unmentioned != "ignore"
+            mask[uncertain, i] = self.uncertain != "ignore"
+        return values, mask
+
+    def pixels(self, row: dict[str, Any]) -> np.ndarray:
+        """The decoded 2-D stored pixels of ``row`` (possibly read-only), size-checked."""
         image_id = row["image_id"]
-        pixels = imaging.decode_image(row["image"], name=image_id)
+        pixels = decode_pixels(row["image"], name=image_id)
         if pixels.shape != (row["height"], row["width"]):
             raise imaging.ImageDecodeError(
                 image_id, f"decoded {pixels.shape}, shard says {(row['height'], row['width'])}"
             )
+        return pixels
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Decode ``row``; raises :class:`imaging.ImageDecodeError` naming the image_id."""
+        image_id = row["image_id"]
+        pixels = self.pixels(row)
         if self.normalize:
-            scale = np.float32(1.0 / np.iinfo(pixels.dtype).max)
-            image = torch.from_numpy(np.multiply(pixels, scale, dtype=np.float32)).unsqueeze(0)
+            image = torch.from_numpy(np.multiply(pixels, _scale(pixels.dtype), dtype=np.float32))
+            image = image.unsqueeze(0)
         else:
             # Stored integers (uint8/uint16): 4x less to copy between processes; scale on device.
-            image = torch.from_numpy(pixels).unsqueeze(0)
+            image = torch.from_numpy(np.array(pixels)).unsqueeze(0)
         labels, label_mask = self.labels(row)
         age = row["age"]
         sample: dict[str, Any] = {
@@ -176,12 +233,6 @@ class SampleDecoder:
                 sample["mask"] = torch.zeros((1, *pixels.shape), dtype=torch.uint8)
                 sample["has_mask"] = False
         return sample
-
-
-def _rows(table_dict: dict[str, list[Any]], n: int) -> Iterator[dict[str, Any]]:
-    keys = list(table_dict)
-    for i in range(n):
-        yield {k: table_dict[k][i] for k in keys}
 
 
 class ShardDataset(Dataset):
@@ -294,11 +345,22 @@ class ShardIterableDataset(IterableDataset):
     once per epoch. Rows pass through a shuffle buffer of ``buffer_size`` encoded rows seeded by
     ``(seed, epoch, rank, worker)``; images are decoded as they leave the buffer.
 
+    With ``batch_size`` set, each worker yields batches of that many consecutive rows of its
+    stream (the last one smaller unless ``drop_last``) instead of single samples: the dict
+    ``default_collate`` would make of them, built without per-sample tensors — images are
+    decoded straight into one ``B×1×H×W`` tensor (allocated in shared memory inside a worker,
+    so handing it to the main process copies nothing). Use it with ``DataLoader(ds,
+    batch_size=None)`` (see :meth:`loader`). With ``normalize=False`` the batch holds the stored
+    integers: uint8, or uint16 as soon as one image in the batch is 16-bit (8-bit images are
+    then multiplied by 257, so every image is full-range for the batch dtype and
+    :func:`to_float` scales the whole batch exactly). All images of a batch must have the same
+    size (shards always do: every resize policy outputs ``image_size²``).
+
     Rank and world size come from ``torch.distributed`` when it is initialised, else from the
     arguments (default 0 / 1). Ranks may receive different row counts when units do not divide
-    evenly; DDP training should bound steps per epoch (e.g. by the smallest rank's count).
-    ``set_epoch`` reaches workers only when they are recreated each epoch (the DataLoader
-    default ``persistent_workers=False``).
+    evenly; DDP training should bound steps per epoch (e.g. by the smallest rank's
+    :meth:`num_batches`). ``set_epoch`` reaches workers only when they are recreated each epoch
+    (the DataLoader default ``persistent_workers=False``).
     """
 
     def __init__(
@@ -317,12 +379,17 @@ class ShardIterableDataset(IterableDataset):
         unmentioned: str = "negative",
         include_mask: bool = False,
         normalize: bool = True,
+        batch_size: int | None = None,
+        drop_last: bool = False,
     ) -> None:
         if split_by not in ("shard", "row_group"):
             raise ValueError(f"split_by must be 'shard' or 'row_group', got {split_by!r}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")
         self.paths = _resolve(shards, split)
         self.shuffle, self.seed, self.buffer_size = shuffle, int(seed), max(1, buffer_size)
         self.split_by, self.rank, self.world_size = split_by, rank, world_size
+        self.batch_size, self.drop_last = batch_size, bool(drop_last)
         self.decoder = SampleDecoder(
             transform=transform,
             uncertain=uncertain,
@@ -382,27 +449,44 @@ class ShardIterableDataset(IterableDataset):
             )
         return rank_units[worker::workers]
 
-    def _read_units(self, units: list[tuple[int, int | None]]) -> Iterator[dict[str, Any]]:
+    def _unit_rows(self, units: list[tuple[int, int | None]]) -> int:
+        total = 0
+        for file_index, group in units:
+            groups = self._group_rows[file_index]
+            total += sum(groups) if group is None else groups[group]
+        return total
+
+    def _read_units(self, units: list[tuple[int, int | None]]) -> Iterator[_Row]:
         columns = self.decoder.columns
+        batched = self.batch_size is not None
         for file_index, group in units:
             with pq.ParquetFile(self.paths[file_index]) as handle:
                 groups = range(handle.num_row_groups) if group is None else [group]
                 for g in groups:
-                    table = handle.read_row_group(g, columns=columns)
-                    yield from _rows(table.to_pydict(), table.num_rows)
+                    # No Arrow thread pool: a DataLoader worker is one core's worth of work
+                    # already, and the pool's hand-offs cost more CPU than they save here.
+                    table = handle.read_row_group(g, columns=columns, use_threads=False)
+                    # Pixels stay per-row objects so a row group's memory is released as its
+                    # rows leave the shuffle buffer; the small columns are shared by reference.
+                    images = table.column("image").to_pylist()
+                    masks = table.column("mask").to_pylist() if "mask" in columns else None
+                    small = table.drop_columns([c for c in ("image", "mask") if c in columns])
+                    meta = _Group(small, self.decoder if batched else None)
+                    for i, image in enumerate(images):
+                        yield (meta, i, image, None if masks is None else masks[i])
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _stream(self) -> Iterator[_Row]:
+        """This consumer's rows, in the (seeded, buffered) shuffle order, still encoded."""
         rank, world = self._dist()
         info = get_worker_info()
         worker = info.id if info is not None else 0
         rows = self._read_units(self.assigned_units())
         if not self.shuffle:
-            for row in rows:
-                yield self.decoder(row)
+            yield from rows
             return
         seq = np.random.SeedSequence([self.seed, self.epoch, rank, world, worker])
         rng = np.random.default_rng(seq)
-        buffer: list[dict[str, Any]] = []
+        buffer: list[_Row] = []
         for row in rows:
             if len(buffer) < self.buffer_size:
                 buffer.append(row)
@@ -410,14 +494,219 @@ class ShardIterableDataset(IterableDataset):
             # Swap-out: yield a random buffered row and keep the new one in its place.
             pick = int(rng.integers(len(buffer)))
             out, buffer[pick] = buffer[pick], row
-            yield self.decoder(out)
+            yield out
         for pick in rng.permutation(len(buffer)):
-            yield self.decoder(buffer[int(pick)])
+            yield buffer[int(pick)]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.batch_size is None:
+            for row in self._stream():
+                yield self.decoder(_row_dict(row))
+            return
+        batch: list[_Row] = []
+        for row in self._stream():
+            batch.append(row)
+            if len(batch) == self.batch_size:
+                yield self.collate(batch)
+                batch = []
+        if batch and not self.drop_last:
+            yield self.collate(batch)
+
+    def collate(self, rows: list[_Row]) -> dict[str, Any]:
+        """One batch dict from encoded rows (what ``default_collate`` makes of their samples)."""
+        decoder = self.decoder
+        if decoder.transform is not None:
+            # A transform works on one float (or integer) image at a time: no shortcut.
+            return default_collate([decoder(_row_dict(row)) for row in rows])
+        n = len(rows)
+        image: torch.Tensor | None = None
+        for k, (meta, i, data, _) in enumerate(rows):
+            height, width = meta.columns["height"][i], meta.columns["width"][i]
+            image_id = meta.columns["image_id"][i]
+            pixels = decode_pixels(data, name=image_id)
+            if pixels.shape != (height, width):
+                raise imaging.ImageDecodeError(
+                    image_id, f"decoded {pixels.shape}, shard says {(height, width)}"
+                )
+            if image is None:
+                dtype = torch.float32 if decoder.normalize else _TORCH_DTYPES[pixels.dtype]
+                image = _batch_tensor((n, 1, *pixels.shape), dtype)
+            elif tuple(image.shape[2:]) != pixels.shape:
+                raise imaging.ImageDecodeError(
+                    image_id,
+                    f"size {pixels.shape} differs from the batch's {tuple(image.shape[2:])}; "
+                    "use batch_size=None to read shards of mixed image sizes",
+                )
+            if decoder.normalize:
+                np.multiply(pixels, _scale(pixels.dtype), out=image[k, 0].numpy())
+            else:
+                if pixels.dtype == np.uint16 and image.dtype == torch.uint8:
+                    image = _widen(image, k)
+                slot = image[k, 0].numpy()
+                if slot.dtype == pixels.dtype:
+                    slot[...] = pixels
+                else:  # an 8-bit image in a 16-bit batch: full range, exactly x * 65535 / 255
+                    np.multiply(pixels, np.uint16(257), out=slot, dtype=np.uint16)
+        metas = [(meta, i) for meta, i, _, _ in rows]
+        labels = np.stack([meta.labels[i] for meta, i in metas])
+        label_mask = np.stack([meta.label_mask[i] for meta, i in metas])
+        ages = [meta.columns["age"][i] for meta, i in metas]
+
+        def strings(col: str) -> list[str]:
+            return [meta.columns[col][i] or "" for meta, i in metas]
+
+        batch: dict[str, Any] = {
+            "image": image,
+            "labels": torch.from_numpy(labels),
+            "label_mask": torch.from_numpy(label_mask),
+            "report": strings("report"),
+            "image_id": [meta.columns["image_id"][i] for meta, i in metas],
+            "dataset": [meta.columns["dataset"][i] for meta, i in metas],
+            "split": [meta.columns["split"][i] for meta, i in metas],
+            "view": [meta.columns["view"][i] for meta, i in metas],
+            "sex": strings("sex"),
+            "age": torch.tensor(
+                [float("nan") if a is None else float(a) for a in ages], dtype=torch.float64
+            ),
+            "race": strings("race"),
+        }
+        if decoder.include_mask:
+            assert image is not None
+            mask = torch.zeros((n, 1, *image.shape[2:]), dtype=torch.uint8)
+            has_mask = torch.zeros(n, dtype=torch.bool)
+            for k, (meta, i, _, data) in enumerate(rows):
+                if data is not None:
+                    name = f"{meta.columns['image_id'][i]} mask"
+                    mask[k, 0] = torch.from_numpy(np.array(decode_pixels(data, name=name)))
+                    has_mask[k] = True
+            batch["mask"], batch["has_mask"] = mask, has_mask
+        return batch
 
     def __len__(self) -> int:
-        """Rows this consumer yields per epoch (the whole rank's share in the main process)."""
+        """Rows (not batches) this consumer yields per epoch (the rank's share in the main
+        process); see :meth:`num_batches` for batches."""
+        return self._unit_rows(self.assigned_units())
+
+    def num_batches(self, num_workers: int = 0) -> int:
+        """Batches this rank yields per epoch through a DataLoader with ``num_workers``.
+
+        Each worker batches its own rows, so up to one short batch per worker
+        (``drop_last`` drops them). Equals ``len(self)`` rows when ``batch_size`` is None.
+        """
+        rank, world = self._dist()
+        rank_units = self.units()[rank::world]
+        workers = max(1, num_workers)
         total = 0
-        for file_index, group in self.assigned_units():
-            groups = self._group_rows[file_index]
-            total += sum(groups) if group is None else groups[group]
+        for w in range(workers):
+            rows = self._unit_rows(rank_units[w::workers])
+            if self.batch_size is None:
+                total += rows
+            elif self.drop_last:
+                total += rows // self.batch_size
+            else:
+                total += math.ceil(rows / self.batch_size)
         return total
+
+    def loader(
+        self,
+        num_workers: int = 0,
+        *,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        persistent_workers: bool = False,
+        **kwargs: Any,
+    ) -> DataLoader:
+        """A DataLoader that passes this dataset's items through as they are
+        (``batch_size=None``: batching happens in the dataset when ``batch_size`` is set).
+
+        ``pin_memory`` pins each batch in the main process for asynchronous host-to-GPU
+        copies (``to_float(batch, "cuda", non_blocking=True)``); ``persistent_workers``
+        keeps workers between epochs, which also keeps their epoch (see :meth:`set_epoch`).
+        Other keyword arguments go to :class:`~torch.utils.data.DataLoader`.
+        """
+        if num_workers > 0 and prefetch_factor is not None:
+            kwargs["prefetch_factor"] = prefetch_factor
+        return DataLoader(
+            self,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers and num_workers > 0,
+            **kwargs,
+        )
+
+
+#: An encoded row in flight: (its row group's small columns, index, image bytes, mask bytes).
+_Row = tuple["_Group", int, bytes, bytes | None]
+
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.uint16): torch.uint16}
+
+
+class _Group:
+    """The non-pixel columns of one row group, as Python lists, plus (when batching) the
+    label arrays of every row computed at once."""
+
+    __slots__ = ("columns", "label_mask", "labels")
+
+    def __init__(self, table: pa.Table, decoder: SampleDecoder | None) -> None:
+        self.columns: dict[str, list[Any]] = table.to_pydict()
+        if decoder is not None:
+            self.labels, self.label_mask = decoder.label_arrays(table)
+
+
+def _row_dict(row: _Row) -> dict[str, Any]:
+    meta, i, image, mask = row
+    out = {k: v[i] for k, v in meta.columns.items()}
+    out["image"] = image
+    if mask is not None or "mask" in out:
+        out["mask"] = mask
+    return out
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker, in shared memory from the start so
+    sending it to the main process is a handle, not a copy (as ``default_collate`` does)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
+    return proto.new(storage).resize_(shape)
+
+
+def _widen(image: torch.Tensor, filled: int) -> torch.Tensor:
+    """Promote a uint8 batch to uint16 when a 16-bit image arrives (first ``filled`` done)."""
+    wide = _batch_tensor(tuple(image.shape), torch.uint16)
+    if filled:
+        src = image[:filled].numpy()
+        np.multiply(src, np.uint16(257), out=wide[:filled].numpy(), dtype=np.uint16)
+    return wide
+
+
+def to_float(
+    batch: dict[str, Any],
+    device: torch.device | str | None = None,
+    *,
+    non_blocking: bool = False,
+) -> dict[str, Any]:
+    """The batch with its tensors on ``device`` and an integer ``image`` scaled to float32
+    [0, 1] (by the dtype's maximum: /255 for uint8, /65535 for uint16).
+
+    Moves first, then converts, so only the integer pixels cross to the GPU. Float images and
+    the other entries are only moved; ``mask`` keeps its label bits. Returns a new dict.
+    """
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and device is not None:
+            value = value.to(device, non_blocking=non_blocking)
+        out[key] = value
+    image = out.get("image")
+    if isinstance(image, torch.Tensor) and not image.is_floating_point():
+        if image.dtype == torch.uint16:
+            # uint16 arithmetic is limited on some backends; int32 holds it exactly.
+            image, top = image.to(torch.int32), 65535.0
+        else:
+            top = float(torch.iinfo(image.dtype).max)
+        # One pass: integer * float scalar promotes to float32 (the same product as the
+        # in-worker ``pixels * float32(1 / top)``).
+        out["image"] = torch.mul(image, 1.0 / top)
+    return out
