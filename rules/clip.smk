@@ -11,6 +11,8 @@ rule pretrain_clip:
         "logs/pretrain_clip/clip.log",
     benchmark:
         "benchmarks/pretrain_clip/clip.tsv"
+    conda:
+        "../envs/cxrfoundry.yaml"
     threads: 2
     resources:
         gpu=0,
@@ -34,6 +36,8 @@ rule zeroshot:
         "logs/zeroshot/clip.log",
     benchmark:
         "benchmarks/zeroshot/clip.tsv"
+    conda:
+        "../envs/cxrfoundry.yaml"
     resources:
         gpu=0,
     params:
@@ -54,6 +58,8 @@ rule retrieval:
         "logs/retrieval/clip.log",
     benchmark:
         "benchmarks/retrieval/clip.tsv"
+    conda:
+        "../envs/cxrfoundry.yaml"
     resources:
         gpu=0,
     params:

@@ -72,8 +72,8 @@ MANIFEST_SCHEMA = pa.schema(
 
 #: Reports = manifest + the report stage's columns (``report`` then holds the final text).
 REPORTS_SCHEMA = pa.schema(
-    list(MANIFEST_SCHEMA)
-    + [
+    [
+        *MANIFEST_SCHEMA,
         pa.field("report_original", pa.string()),
         pa.field("report_source", pa.string(), nullable=False),
         pa.field("qc_status", pa.string(), nullable=False),
@@ -85,8 +85,8 @@ REPORTS_SCHEMA = pa.schema(
 
 #: Shards = reports + decoded, resized and re-encoded pixels.
 SHARD_SCHEMA = pa.schema(
-    list(REPORTS_SCHEMA)
-    + [
+    [
+        *REPORTS_SCHEMA,
         pa.field("image", pa.binary(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
         pa.field("width", pa.int32(), nullable=False),

@@ -17,6 +17,6 @@ with Step(snakemake) as step:
         nodes=int(snakemake.resources.get("nodes", 1)),
         log_metrics=step.log_metrics,
     )
-    step.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+    step.log_metrics({k: v for k, v in metrics.items() if k != "epoch_loss"})
     for name in ("metrics.json", "config.json", "subset.parquet"):
         step.log_artifact(Path(snakemake.output.model) / name)

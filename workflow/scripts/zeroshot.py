@@ -18,6 +18,10 @@ with Step(snakemake) as step:
         seed=snakemake.params.seed,
         model_name="clip",
     )
-    step.log_metrics({"mean_auroc": record["value"], **{
-        f"auroc.{k}": v for k, v in record["per_class"].items() if v is not None}})
+    step.log_metrics(
+        {
+            "mean_auroc": record["value"],
+            **{f"auroc.{k}": v for k, v in record["per_class"].items() if v is not None},
+        }
+    )
     step.log_artifact(snakemake.output.metrics)

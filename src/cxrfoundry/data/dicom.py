@@ -22,7 +22,6 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from cxrfoundry.data.views import normalize_view, view_from_code_meaning, view_from_text
 
@@ -61,7 +60,9 @@ def read_header(path: Path | str) -> Dataset:
         # Touch the elements: pydicom parses lazily, and a truncated header only fails here.
         for elem in ds.iterall():
             _ = elem.value
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:
+        # Garbage bytes reach pydicom's parser in arbitrary states (InvalidDicomError, EOFError,
+        # BytesLengthException, struct errors, ...): any of them means a corrupt header.
         raise DicomHeaderError(path, f"{type(exc).__name__}: {exc}") from exc
     if len(ds) == 0:
         raise DicomHeaderError(path, "no DICOM elements in file")

@@ -117,7 +117,6 @@ def _is_dicom(path: Path) -> bool:
 
 def _load_dicom(path: Path) -> np.ndarray:
     import pydicom
-    from pydicom.errors import InvalidDicomError
     from pydicom.pixels import (
         apply_color_lut,
         apply_modality_lut,
@@ -127,7 +126,9 @@ def _load_dicom(path: Path) -> np.ndarray:
 
     try:
         ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+    except Exception as exc:
+        # A corrupt header can fail anywhere in pydicom's parser (InvalidDicomError, EOFError,
+        # BytesLengthException, ...): each means the file is not a readable DICOM.
         raise ImageDecodeError(path, f"not a readable DICOM file ({exc})") from exc
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise ImageDecodeError(path, "DICOM file has no pixel data")
