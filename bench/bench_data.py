@@ -5,15 +5,19 @@ One command, one run, ratios against baselines measured in the same run on the s
 * **write** — ``write_shards`` throughput (images/s) ÷ the bare floor: the same
   decode → resize → encode function (``shards.encode_file``) over the same files in a process
   pool of the same size, with no Parquet, no ordering and no bookkeeping. Target ≥ 0.85.
-* **read** — a DataLoader over ``ShardIterableDataset`` (the same worker count) ÷ the bare
-  decode floor: the same processes decoding the same image bytes, already in memory, with the
-  same decoder (``dataset.decode_pixels``) into the same dtype. Target ≥ 0.9. The headline
-  float figure uses the recommended path: batches built in the workers
-  (``batch_size=B, normalize=False``: uint8 pixels decoded into one shared-memory tensor per
-  batch), scaled to float [0, 1] in the main process after the transfer (``to_float``); it is
-  compared with a floor that decodes and scales every image to float32 in the workers. Also
-  reported: batches scaled in the workers (float32 transfer), the per-sample path (DataLoader
-  collation), and a one-file-per-image folder loader that decodes the very same bytes.
+* **read** — ``ShardIterableDataset(...).loader()`` ÷ the bare decode floor: ``--workers``
+  processes decoding the same image bytes, already in memory, with the same decoder
+  (``dataset.decode_pixels``) into the same dtype. Target ≥ 0.9. The headline is the default
+  path: batches decoded by ``--workers`` threads in the reading process
+  (``batch_size=B, decode_threads=workers``, DataLoader ``num_workers=0``), float [0, 1]
+  written by the threads straight into the batch, against a floor that decodes and scales
+  every image to float32. Also reported: the same as uint8 (and uint8 → ``to_float``), the
+  DataLoader-worker-process paths (``num_workers=workers``: uint8 batches in shared memory,
+  scaled after the transfer or in the workers; per-sample collation), and a
+  one-file-per-image folder loader that decodes the very same bytes.
+* **GIL probe** — whether ``decode_pixels`` lets other Python threads run (what the threaded
+  reader relies on): the share of decode calls during which a sleeping probe thread managed
+  to run, against a pure-Python control that holds the GIL.
 * **memory** — peak RSS of writing N and ``scale``·N images (parent + workers, measured in a
   subprocess with ``resource.getrusage``). Streaming should make it flat: target ratio ≤ 1.2.
 
@@ -253,6 +257,60 @@ def batch_loader_rows(dataset: ShardIterableDataset, args: Any, *, scale: bool) 
     return count
 
 
+def threaded_rows(dataset: ShardIterableDataset, args: Any, *, scale: bool = False) -> int:
+    """Rows seen in ``args.read_epochs`` passes of ``dataset.loader(0)`` with
+    ``args.workers`` decode threads (no worker processes)."""
+    loader = dataset.loader(0, decode_threads=args.workers)
+    count = 0
+    for _ in range(args.read_epochs):
+        for batch in loader:
+            image = to_float(batch)["image"] if scale else batch["image"]
+            count += int(image.shape[0])
+    return count
+
+
+def gil_probe(data: bytes, calls: int = 200) -> dict[str, float]:
+    """Share of ``decode_pixels(data)`` calls during which another Python thread ran.
+
+    A probe thread stamps the clock, sleeping 20 µs between stamps (it needs the GIL for each
+    stamp). A call that holds the GIL throughout contains no stamp (but for the interpreter's
+    forced switches, measured by the pure-Python control of similar length). Robust to machine
+    load, unlike a thread-scaling timing: it asks *whether* threads overlap, not how fast.
+    """
+    import bisect
+    import threading
+
+    def spin() -> None:
+        total = 0
+        for i in range(20000):
+            total += i
+
+    out: dict[str, float] = {}
+    for name, fn in (("decode", lambda: decode_pixels(data)), ("python_control", spin)):
+        stamps: list[float] = []
+        spans: list[tuple[float, float]] = []
+        stop = threading.Event()
+
+        def probe(stamps: list[float] = stamps, stop: threading.Event = stop) -> None:
+            while not stop.is_set():
+                stamps.append(time.perf_counter())
+                time.sleep(20e-6)
+
+        thread = threading.Thread(target=probe)
+        thread.start()
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            spans.append((t0, time.perf_counter()))
+        stop.set()
+        thread.join()
+        inside = sum(
+            bisect.bisect_left(stamps, b) > bisect.bisect_right(stamps, a) for a, b in spans
+        )
+        out[name] = round(inside / calls, 3)
+    return out
+
+
 # --- memory -------------------------------------------------------------------------------------
 
 _MEMORY_CHILD = """
@@ -385,6 +443,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n_read = len(images) * args.read_epochs
 
         def shard_ds(normalize: bool, batch_size: int | None) -> ShardIterableDataset:
+            # decode_threads=0: the worker-process paths decode in each worker's own thread.
             return ShardIterableDataset(
                 out,
                 shuffle=True,
@@ -414,6 +473,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 count = batch_loader_rows(ds, args, scale=mode == "float")
             assert count == n_read, (count, n_read)
 
+        def threaded_read(mode: str) -> None:
+            # The default loader(): --workers decode threads in this process, no IPC.
+            # "float": threads scale into a float32 batch; "uint8": integer batches;
+            # "uint8_to_float": integer batches scaled here afterwards.
+            ds = shard_ds(mode == "float", args.batch_size)
+            count = threaded_rows(ds, args, scale=mode == "uint8_to_float")
+            assert count == n_read, (count, n_read)
+
         def folder_read() -> None:
             assert loader_rows(FolderDataset(folder, rows), args, shuffle=True) == n_read
 
@@ -423,8 +490,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def uint8_floor() -> None:
             read_floor(images, args.workers, args.read_epochs, normalize=False)
 
-        read = best_pair(args.repeats, float_floor, lambda: batch_read("float"))
-        read_raw = best_pair(args.repeats, uint8_floor, lambda: batch_read("uint8"))
+        gil = gil_probe(images[0])
+        read = best_pair(args.repeats, float_floor, lambda: threaded_read("float"))
+        read_raw = best_pair(args.repeats, uint8_floor, lambda: threaded_read("uint8"))
+        read_t2f = best_pair(args.repeats, float_floor, lambda: threaded_read("uint8_to_float"))
+        read_proc = best_pair(args.repeats, float_floor, lambda: batch_read("float"))
+        read_proc_raw = best_pair(args.repeats, uint8_floor, lambda: batch_read("uint8"))
         read_worker = best_pair(args.repeats, float_floor, lambda: batch_read("float_worker"))
         read_sample = best_pair(args.repeats, float_floor, shard_read)
         read_sample_raw = best_pair(args.repeats, uint8_floor, lambda: shard_read(False))
@@ -477,6 +548,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "uint8_floor": rates(read_raw["floor"], n_read),
             "uint8_shards": rates(read_raw["measured"], n_read),
             "uint8_ratio": ratio(read_raw["floor"], read_raw["measured"]),
+            "threads_uint8_to_float": rates(read_t2f["measured"], n_read),
+            "threads_uint8_to_float_ratio": ratio(read_t2f["floor"], read_t2f["measured"]),
+            "workers_uint8_to_float": rates(read_proc["measured"], n_read),
+            "workers_uint8_to_float_ratio": ratio(read_proc["floor"], read_proc["measured"]),
+            "workers_uint8": rates(read_proc_raw["measured"], n_read),
+            "workers_uint8_ratio": ratio(read_proc_raw["floor"], read_proc_raw["measured"]),
+            "gil_probe": gil,
             "float_in_worker": rates(read_worker["measured"], n_read),
             "float_in_worker_ratio": ratio(read_worker["floor"], read_worker["measured"]),
             "per_sample": rates(read_sample["measured"], n_read),
@@ -523,24 +601,37 @@ def print_table(r: dict[str, Any]) -> None:
         line("write: bare decode+resize+encode", w["floor"]),
         line("write: write_shards", w["shards"], w["ratio"])
         + f"  target >= {TARGETS['write_ratio']} ({r['checked_on']}): {ok['write_ratio']}",
+        f"read: GIL probe: other threads ran during {rd['gil_probe']['decode']:.0%} of decode "
+        f"calls (GIL-holding control: {rd['gil_probe']['python_control']:.0%})",
         line("read: bare decode floor (float [0,1])", rd["floor"]),
-        line("read: shard batches, uint8 -> to_float", rd["shards"], rd["ratio"])
+        line("read: threads, float batches (default)", rd["shards"], rd["ratio"])
         + f"  target >= {TARGETS['read_ratio']} ({r['checked_on']}): {ok['read_ratio']}",
         line(
-            "read: shard batches, float in workers",
+            "read: threads, uint8 -> to_float",
+            rd["threads_uint8_to_float"],
+            rd["threads_uint8_to_float_ratio"],
+        ),
+        line(
+            "read: workers, uint8 -> to_float",
+            rd["workers_uint8_to_float"],
+            rd["workers_uint8_to_float_ratio"],
+        ),
+        line(
+            "read: workers, float in workers",
             rd["float_in_worker"],
             rd["float_in_worker_ratio"],
         ),
         line("read: per-sample shards (float)", rd["per_sample"], rd["per_sample_ratio"]),
         line("read: DataLoader over PNG folder", rd["folder"]),
         line("read: bare decode floor, integer pixels", rd["uint8_floor"]),
-        line("read: shard batches, uint8", rd["uint8_shards"], rd["uint8_ratio"]),
+        line("read: threads, uint8 batches", rd["uint8_shards"], rd["uint8_ratio"]),
+        line("read: workers, uint8 batches", rd["workers_uint8"], rd["workers_uint8_ratio"]),
         line(
             "read: per-sample shards, normalize=False",
             rd["per_sample_uint8"],
             rd["per_sample_uint8_ratio"],
         ),
-        f"{'read: shard batches vs folder loader (ratio)':<62}"
+        f"{'read: threads, float vs folder loader (ratio)':<62}"
         f"{rd['shards_vs_folder']['wall']:>12.3f}{rd['shards_vs_folder']['cpu']:>11.3f}",
         f"memory: peak RSS writing {m['x1']['rows']} rows: {m['x1']['total_bound_mb']:.1f} MB "
         f"(parent {m['x1']['parent_mb']}, largest worker {m['x1']['worker_mb']})",

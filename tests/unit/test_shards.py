@@ -533,6 +533,118 @@ def test_iterable_batches_mixed_bit_depth(sources: list[ShardSource], tmp_path: 
         assert torch.allclose(floats[k], expected, atol=1e-7, rtol=0)
     reference = ShardIterableDataset(out, batch_size=len(samples), shuffle=False)
     assert torch.allclose(next(iter(reference))["image"], floats, atol=1e-7, rtol=0)
+    # Threads write in place from the PNG header's bit depth: the same uint16 batch, and the
+    # same uint8 batches where a batch happens to hold only 8-bit images.
+    for size in (len(samples), 3):
+        serial = list(ShardIterableDataset(out, batch_size=size, **common))
+        threaded = list(ShardIterableDataset(out, batch_size=size, decode_threads=2, **common))
+        for got, want in zip(threaded, serial, strict=True):
+            _assert_batches_equal(got, want)
+        assert {b["image"].dtype for b in serial} >= {torch.uint16}
+
+
+class _SeededNoise:
+    """A random transform: which image gets which noise depends on call order."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return image.float() + torch.rand(image.shape)
+
+
+@pytest.mark.parametrize(
+    ("normalize", "include_mask", "policy", "threads"),
+    [(True, False, "negative", 2), (False, True, "ignore", 3), (False, False, "positive", 1)],
+)
+def test_threaded_batches_equal_collated_samples(
+    written: tuple[Path, dict], normalize: bool, include_mask: bool, policy: str, threads: int
+) -> None:
+    out, _ = written
+    common = {
+        "seed": 5,
+        "buffer_size": 7,
+        "split_by": "row_group",
+        "normalize": normalize,
+        "include_mask": include_mask,
+        "uncertain": policy,
+        "unmentioned": "ignore" if policy == "ignore" else "negative",
+    }
+    samples = list(ShardIterableDataset(out, **common))
+    ds = ShardIterableDataset(out, batch_size=4, decode_threads=threads, **common)
+    for _ in range(2):  # a second pass reuses the pool
+        batches = list(ds)
+        assert [len(b["image_id"]) for b in batches] == [len(c) for c in _chunks(samples, 4)]
+        for got, chunk in zip(batches, _chunks(samples, 4), strict=True):
+            _assert_batches_equal(got, default_collate(chunk))
+    # Stopping early leaves nothing behind that changes the next pass.
+    first = next(iter(ds))
+    _assert_batches_equal(first, default_collate(_chunks(samples, 4)[0]))
+    assert [b["image_id"] for b in ds] == [b["image_id"] for b in batches]
+
+
+def test_threaded_batches_keep_transform_order(written: tuple[Path, dict]) -> None:
+    out, _ = written
+    common = {"seed": 2, "buffer_size": 5, "transform": _SeededNoise(), "batch_size": 5}
+    torch.manual_seed(0)
+    serial = list(ShardIterableDataset(out, **common))
+    torch.manual_seed(0)
+    threaded = list(ShardIterableDataset(out, decode_threads=3, **common))
+    for got, want in zip(threaded, serial, strict=True):
+        _assert_batches_equal(got, want)
+    torch.manual_seed(0)
+    samples = list(ShardIterableDataset(out, **{**common, "batch_size": None}))
+    assert torch.equal(
+        torch.cat([b["image"] for b in threaded]), torch.stack([s["image"] for s in samples])
+    )
+
+
+def test_threaded_every_row_once_across_ranks(written: tuple[Path, dict]) -> None:
+    out, index = written
+    common = {"seed": 3, "buffer_size": 5, "split_by": "row_group", "world_size": 2}
+    seen: Counter[str] = Counter()
+    for rank in (0, 1):
+        serial = ShardIterableDataset(out, rank=rank, batch_size=3, **common)
+        want = list(serial)
+        ds = ShardIterableDataset(out, rank=rank, batch_size=3, **common)
+        loader = ds.loader()  # default: this process, one decode thread per core
+        assert loader.num_workers == 0 and ds.decode_threads >= 1
+        ds._set_decode_threads(2)  # the same on a 1-core machine
+        got = list(loader)
+        assert len(got) == ds.num_batches()
+        for a, b in zip(got, want, strict=True):
+            _assert_batches_equal(a, b)
+        ids = [i for b in got for i in b["image_id"]]
+        assert len(ids) == len(ds) == len(set(ids))
+        seen.update(ids)
+        # Worker processes with threads each: every row of the rank once, as without threads.
+        workers = list(ds.loader(num_workers=2, decode_threads=2))
+        plain = list(serial.loader(num_workers=2, decode_threads=0))
+        assert [b["image_id"] for b in workers] == [b["image_id"] for b in plain]
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(workers, plain, strict=True))
+    assert len(seen) == index["counts"]["rows_written"]
+    assert set(seen.values()) == {1}
+
+
+def test_threaded_errors(written: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = written
+    table = pq.read_table(list_shards(out)[0])
+    images = table.column("image").to_pylist()
+    images[3] = images[3][:60]  # truncated PNG
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(
+        table.set_column(
+            table.schema.get_field_index("image"), "image", pa.array(images, pa.binary())
+        ),
+        bad,
+    )
+    bad_id = table.column("image_id")[3].as_py()
+    ds = ShardIterableDataset([bad], shuffle=False, batch_size=2, decode_threads=2)
+    with pytest.raises(imaging.ImageDecodeError, match=bad_id):
+        list(ds)
+    with pytest.raises(ValueError, match="decode_threads"):
+        ShardIterableDataset(out, decode_threads=2)  # per-sample: nothing to thread
+    with pytest.raises(ValueError, match="decode_threads"):
+        ShardIterableDataset(out, batch_size=2, decode_threads=-1)
+    per_sample = ShardIterableDataset(out)
+    assert per_sample.loader().num_workers >= 1 and per_sample.decode_threads == 0
 
 
 def test_decode_pixels_errors_and_matches_imaging(written: tuple[Path, dict]) -> None:
