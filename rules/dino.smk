@@ -76,6 +76,8 @@ rule pretrain_dino:
         "logs/pretrain_dino/{dino_model}.log",
     benchmark:
         "benchmarks/pretrain_dino/{dino_model}.tsv"
+    conda:
+        "../envs/cxrfoundry.yaml"
     threads: 2
     resources:
         gpu=0,
@@ -101,6 +103,8 @@ rule finetune_cls:
         "benchmarks/finetune_cls/{model}.tsv"
     wildcard_constraints:
         model="dino(_[a-z0-9]+)?|clip",
+    conda:
+        "../envs/cxrfoundry.yaml"
     threads: 2
     resources:
         gpu=0,
@@ -126,6 +130,8 @@ rule finetune_seg:
         "benchmarks/finetune_seg/{model}.tsv"
     wildcard_constraints:
         model="dino(_[a-z0-9]+)?|clip",
+    conda:
+        "../envs/cxrfoundry.yaml"
     threads: 2
     resources:
         gpu=0,
@@ -149,6 +155,8 @@ rule dino_ablation:
         summary="results/benchmarks/dino_ablation.json",
     log:
         "logs/dino_ablation/all.log",
+    conda:
+        "../envs/cxrfoundry.yaml"
     params:
         variants=DINO.get("variants", {}),
         code=code("cxrfoundry.train.dino"),

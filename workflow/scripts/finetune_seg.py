@@ -16,5 +16,6 @@ with Step(snakemake) as step:
         dataset=snakemake.params.dataset,
         log_metrics=step.log_metrics,
     )
-    step.log_metrics({"dice_mean": result["value"], **{f"dice.{k}": v for k, v in result["per_class"].items()}})
+    per_class = {f"dice.{k}": v for k, v in result["per_class"].items()}
+    step.log_metrics({"dice_mean": result["value"], **per_class})
     step.log_artifact(snakemake.output.metrics)
