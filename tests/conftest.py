@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,20 @@ def shared_real() -> Path:
     if not SHARED_REAL.is_dir():
         pytest.skip(f"real sample data not found at {SHARED_REAL}")
     return SHARED_REAL
+
+
+@pytest.fixture(scope="session")
+def mini_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished default-target run of config/mini.yaml, made once per pytest session.
+
+    Shared by every integration module: never modify it, copy it with :func:`copy_run`.
+    """
+    workdir = tmp_path_factory.mktemp("mini-run")
+    snakemake(workdir)
+    return workdir
+
+
+def copy_run(src: Path, dest: Path) -> Path:
+    """Copy a workflow run (outputs, logs, Snakemake metadata), keeping mtimes."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest

@@ -34,7 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +42,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cxrfoundry.io import dumps_json, read_json, sha256_file, sha256_tree, write_json, write_text
+from cxrfoundry.io import (
+    dumps_json,
+    read_json,
+    sha256_file,
+    sha256_tree,
+    tree_files,
+    write_json,
+    write_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +95,8 @@ class AuditReport:
     raw_files_checked: int = 0
     findings: list[Finding] = field(default_factory=list)
     reproductions: list[dict[str, Any]] = field(default_factory=list)
+    #: Stale records fail the audit too (results must match the current code and config).
+    strict: bool = False
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @property
@@ -101,13 +111,16 @@ class AuditReport:
 
     @property
     def ok(self) -> bool:
-        """True when nothing failed (stale records do not fail the audit)."""
+        """True when nothing failed (stale records fail only a ``strict`` audit)."""
+        if self.strict and self.stale:
+            return False
         return not self.errors and all(r.get("ok") for r in self.reproductions)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form of the report."""
         return {
             "ok": self.ok,
+            "strict": self.strict,
             "workdir": self.workdir,
             "created": self.created,
             "counts": {
@@ -171,8 +184,9 @@ def current_digest(path: Path, like: str | None = None) -> str | None:
     """Digest of ``path`` now, in the scheme of the recorded digest ``like``.
 
     Records hash files with sha256, folders with :func:`cxrfoundry.io.sha256_tree`, and a raw
-    dataset folder as ``manifest:<sha256 of its manifest>`` (its files are then checked against
-    the manifest). None if the path does not exist.
+    dataset folder
+    as ``manifest:<sha256 of its manifest>`` (its files are then checked against the manifest).
+    None if the path does not exist.
     """
     if like and like.startswith("manifest:"):
         manifest = path.with_name(path.name + ".manifest.json")
@@ -516,6 +530,8 @@ def audit(
     snakefile: Path | None = None,
     configfiles: Sequence[Path] = (),
     target: str | None = None,
+    strict: bool = False,
+    skip_rules: Collection[str] = (),
 ) -> AuditReport:
     """Audit the provenance records of the workflow run in ``workdir``.
 
@@ -524,11 +540,15 @@ def audit(
     else params are not compared. ``check_params=False`` skips planning the workflow (the
     ``audit`` rule runs inside Snakemake, which already reruns jobs whose params changed); code
     hashes are still compared. ``target``: also require that this output has a record and
-    audit only its ancestry.
+    audit only its ancestry. ``strict``: stale records fail the audit (a changed param or
+    module means the results are not what the current workflow would produce). ``skip_rules``:
+    leave out the records of these rules (the ``audit`` rule's previous record while it reruns).
     """
     root = Path(workdir).resolve()
-    report = AuditReport(workdir=str(root))
+    report = AuditReport(workdir=str(root), strict=strict)
     records = load_records(root)
+    if skip_rules:
+        records = {k: r for k, r in records.items() if r["rule"] not in skip_rules}
     if target is not None:
         records = ancestry(records, target)
         if not records:
@@ -552,6 +572,16 @@ def audit(
                 current_params = snakemake_current_params(root, snakefile, configfiles, targets)
             except RuntimeError as exc:
                 report.findings.append(Finding("workflow_unreadable", WARNING, str(exc)))
+        elif current_params is None and check_params:
+            # Without a workflow to plan, a changed param would go unnoticed: say so.
+            report.findings.append(
+                Finding(
+                    "params_not_compared",
+                    WARNING,
+                    f"no Snakefile in {root} and none given: params were not compared with "
+                    "the current config (pass snakefile=/configfiles=)",
+                )
+            )
         find_stale(records, report, current_params=current_params)
     return report
 
@@ -576,9 +606,15 @@ def ancestry(records: Mapping[str, Mapping[str, Any]], target: str) -> dict[str,
     return keep
 
 
-def audit_to_files(workdir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> dict:
-    """The ``audit`` rule: audit the run in ``workdir`` and write its report; fail if not ok."""
-    report = audit(workdir, check_params=False)
+def audit_to_files(
+    workdir: str | os.PathLike[str], out_dir: str | os.PathLike[str], rule: str = "audit"
+) -> dict:
+    """The ``audit`` rule: audit the run in ``workdir`` and write its report; fail if not ok.
+
+    The rule's own record from an earlier run is left out: this job is replacing it (Snakemake
+    already deleted its outputs), and its inputs are being rebuilt by this very run.
+    """
+    report = audit(workdir, check_params=False, skip_rules=(rule,))
     json_path, _ = write_report(report, out_dir)
     if not report.ok:
         raise RuntimeError(f"reproducibility audit failed, see {json_path}")
@@ -596,7 +632,20 @@ def write_report(report: AuditReport, out_dir: str | os.PathLike[str]) -> tuple[
 
 # ------------------------------------------------------------------------------- reproduce
 #: Files and folders copied into the scratch folder so Snakemake can plan there.
-WORKFLOW_FILES = ("Snakefile", "rules", "workflow", "config", "profiles")
+WORKFLOW_FILES = ("Snakefile", "rules", "workflow", "config", "profiles", "envs", "report")
+
+
+def workflow_root(workdir: Path, workflow_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the Snakefile lives: ``workflow_dir``, else ``workdir`` if it has one, else the
+    checkout that holds this package (runs made with ``snakemake --directory``)."""
+    if workflow_dir is not None:
+        return Path(workflow_dir).resolve()
+    if (workdir / "Snakefile").is_file():
+        return workdir
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "Snakefile").is_file():
+        return checkout
+    raise FileNotFoundError(f"no Snakefile in {workdir}; pass workflow_dir")
 
 
 def _tolerance(rule: str, tolerances: Mapping[str, Mapping[str, float]]) -> dict[str, float] | None:
@@ -622,8 +671,8 @@ def compare_within_tolerance(old: Path, new: Path, rtol: float, atol: float) -> 
     pairs: list[tuple[Path, Path, str]]
     if old.is_dir():
         names = sorted(
-            {p.relative_to(old).as_posix() for p in old.rglob("*") if p.is_file()}
-            | {p.relative_to(new).as_posix() for p in new.rglob("*") if p.is_file()}
+            {p.relative_to(old).as_posix() for p in tree_files(old)}
+            | {p.relative_to(new).as_posix() for p in tree_files(new)}
         )
         pairs = [(old / n, new / n, n) for n in names]
     else:
@@ -671,6 +720,7 @@ def reproduce(
     tolerances: Mapping[str, Mapping[str, float]] = DEFAULT_TOLERANCES,
     snakemake_args: Sequence[str] = (),
     keep_scratch: bool = False,
+    workflow_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Rebuild ``target`` from its recorded inputs in a scratch folder and compare with the record.
 
@@ -700,9 +750,10 @@ def reproduce(
         "comparisons": [],
     }
     try:
+        source = workflow_root(root, workflow_dir)
         for name in WORKFLOW_FILES:
-            if (root / name).exists():
-                _copy(root / name, scratch_dir / name)
+            if (source / name).exists():
+                _copy(source / name, scratch_dir / name)
         for cfg in configfiles:
             cfg_path = Path(cfg)
             if not cfg_path.is_absolute() and (root / cfg_path).exists():

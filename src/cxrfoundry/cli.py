@@ -28,6 +28,8 @@ def _audit(args: argparse.Namespace) -> int:
         args.directory,
         check_raw=not args.skip_raw_files,
         stale=not args.no_stale,
+        strict=args.strict,
+        snakefile=args.snakefile,
         configfiles=[Path(c) for c in args.configfile],
         target=args.target,
     )
@@ -51,6 +53,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         configfiles=args.configfile,
         cores=args.cores,
         keep_scratch=args.keep_scratch,
+        workflow_dir=args.snakefile.parent if args.snakefile else None,
     )
     report = AuditReport(workdir=str(Path(args.directory).resolve()), reproductions=[result])
     out = args.out if args.out.is_absolute() else Path(args.directory) / args.out
@@ -101,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="verify outputs and lineage; list stale results")
     p.add_argument("--directory", "-d", default=".", help="the workflow's working directory")
-    p.add_argument("--out", type=Path, default=Path("results/audit"), help="report folder")
+    # Not results/audit itself: that folder holds the `audit` rule's own outputs.
+    p.add_argument("--out", type=Path, default=Path("results/audit/cli"), help="report folder")
+    p.add_argument("--snakefile", type=Path, help="the workflow (default: found as for reproduce)")
+    p.add_argument("--strict", action="store_true", help="stale outputs fail the audit too")
     p.add_argument("--configfile", action="append", default=[], help="as given to snakemake")
     p.add_argument("--target", help="audit only the ancestry of this output")
     p.add_argument("--skip-raw-files", action="store_true", help="do not rehash raw files")
@@ -115,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cores", type=int, default=1)
     p.add_argument("--scratch", type=Path, help="scratch folder (default: a temporary one)")
     p.add_argument("--keep-scratch", action="store_true")
+    p.add_argument(
+        "--snakefile", type=Path, help="the workflow (default: the run's or this checkout's)"
+    )
     p.add_argument("--out", type=Path, default=Path("results/audit/reproduce"))
     p.set_defaults(func=_reproduce)
 

@@ -143,12 +143,24 @@ def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+#: Files Snakemake adds to ``directory()`` outputs after the job ended (an mtime marker). They are
+#: not content: a job hashing its own output folder never sees them, its consumers would.
+SNAKEMAKE_MARKERS = frozenset({".snakemake_timestamp"})
+
+
+def tree_files(root: PathLike) -> list[Path]:
+    """The files of a folder, recursively and sorted, without Snakemake's marker files."""
+    return sorted(
+        p for p in Path(root).rglob("*") if p.is_file() and p.name not in SNAKEMAKE_MARKERS
+    )
+
+
 def sha256_tree(path: PathLike) -> str:
     """Hash of a file, or of a folder as the sorted (relative path, file hash) pairs inside it."""
     root = Path(path)
     if root.is_file():
         return sha256_file(root)
     digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+    for file in tree_files(root):
         digest.update(f"{file.relative_to(root).as_posix()}\0{sha256_file(file)}\n".encode())
     return digest.hexdigest()

@@ -32,14 +32,6 @@ EXPECTED_REASONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def mini_run(tmp_path_factory) -> Path:
-    """One complete run of the mini workflow, shared by the tests of this module."""
-    workdir = tmp_path_factory.mktemp("mini")
-    snakemake(workdir)
-    return workdir
-
-
 def _rejects(workdir: Path, dataset: str) -> list[dict]:
     rows = pq.read_table(workdir / f"results/manifests/{dataset}.rejects.parquet").to_pylist()
     rows += pq.read_table(workdir / f"results/frontal/{dataset}.excluded.parquet").to_pylist()
