@@ -18,7 +18,9 @@ include: "rules/ingest.smk"
 include: "rules/views.smk"
 include: "rules/reports.smk"
 include: "rules/shards.smk"
+include: "rules/dino.smk"  # before audit.smk, whose input calls dino_targets()
 include: "rules/audit.smk"
+include: "rules/clip.smk"
 
 
 onstart:

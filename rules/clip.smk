@@ -18,7 +18,7 @@ rule pretrain_clip:
         gpu=0,
         nodes=1,
     params:
-        settings=config["clip"],
+        settings=clip_train_settings(),
         seed=config["seed"],
         work_dir="results/.work/models/clip",
         code=code("cxrfoundry.train.clip"),

@@ -105,9 +105,39 @@ def dataset_targets(dataset):
     ]
 
 
+def clip_enabled():
+    return bool(config["clip"]["enabled"])
+
+
+def clip_shards(wildcards=None):
+    """The shard folder CLIP trains and evaluates on (clip.corpus)."""
+    corpus = config["clip"]["corpus"]
+    if corpus not in CORPORA:
+        raise ValueError(
+            f"clip.corpus {corpus!r} is not a configured corpus: {CORPORA}"
+        )
+    return f"results/shards/{corpus}"
+
+
+def clip_train_settings():
+    """The clip block as cxrfoundry.train.clip reads it (model, curator, train)."""
+    return {k: config["clip"][k] for k in ("model", "curator", "train")}
+
+
+def clip_targets():
+    """The CLIP model and its zero-shot and retrieval metrics (none when clip.enabled is off)."""
+    if not clip_enabled():
+        return []
+    return [
+        "results/models/clip",
+        "results/benchmarks/clip/zeroshot.json",
+        "results/benchmarks/clip/retrieval.json",
+    ]
+
+
 def pipeline_targets():
     """Every output of every stage that exists (what the audit verifies)."""
-    return data_targets()
+    return data_targets() + clip_targets() + dino_targets()
 
 
 def all_targets():

@@ -12,10 +12,26 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
+import torch
 from PIL import Image
 
 from cxrfoundry import io as cio
 from cxrfoundry.schema import FINDING_COLUMNS, MASK_BITS, SHARD_SCHEMA, conform
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Run a test module's tiny models on one intra-op thread.
+
+    Imported into each DINO test module (autouse). On a shared, loaded machine two OpenMP threads
+    spin against each other on these tiny tensors: a 4-step training run takes ~10 s with two
+    threads and ~0.7 s with one.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cxrfoundry.models.clip import CLIPModel, pool_text
+from cxrfoundry.models.clip import CLIPModel, pool_text, select_sections
 from cxrfoundry.models.losses import clip_loss, gathered_clip_loss
 from cxrfoundry.train.gradcache import contrastive_backward
 
@@ -159,3 +159,44 @@ def test_model_roundtrip_and_logit_scale(tmp_path) -> None:
         torch.testing.assert_close(x, y)
     with pytest.raises(FileNotFoundError, match="clip_config"):
         CLIPModel.from_pretrained(tmp_path)
+
+
+def test_select_sections() -> None:
+    report = (
+        "PATIENT INFORMATION: Female, 70 years old.\nTECHNIQUE: PA chest radiograph.\n"
+        "FINDINGS: The heart is enlarged.\n  No pneumothorax.\nIMPRESSION: Cardiomegaly.\n"
+    )
+    wanted = ["findings", "IMPRESSION"]
+    assert (
+        select_sections(report, wanted) == "The heart is enlarged. No pneumothorax. Cardiomegaly."
+    )
+    assert select_sections(report, None) == report
+    # Prompts and free text have no headers; a report without the wanted ones stays whole.
+    assert select_sections("no cardiomegaly", wanted) == "no cardiomegaly"
+    assert select_sections(report, ["HISTORY"]) == report
+
+
+def test_image_mean_pooling_and_frozen_text_projection(tmp_path) -> None:
+    torch.manual_seed(0)
+    cfg = {
+        **TINY_MODEL,
+        "image": {**TINY_MODEL["image"], "pooling": "mean"},
+        "text": {**TINY_MODEL["text"], "freeze_projection": True, "sections": ["FINDINGS"]},
+    }
+    model = CLIPModel(cfg).eval()
+    w = model.text_projection.weight
+    assert not w.requires_grad
+    # Orthonormal rows (embed_dim < width): the projection keeps text geometry in its span.
+    torch.testing.assert_close(w @ w.t(), torch.eye(w.shape[0]), atol=1e-5, rtol=0)
+    pixels = model.preprocess_images(torch.rand(3, 1, 32, 32))
+    hidden = model.vision(pixel_values=pixels).last_hidden_state
+    expected = F.normalize(model.visual_projection(hidden[:, 1:].mean(1)), dim=-1)
+    torch.testing.assert_close(model.encode_image(pixels), expected)
+    tok = model.tokenize(["TECHNIQUE: AP.\nFINDINGS: No pneumothorax."])
+    assert tok["input_ids"].tolist() == model.tokenize(["No pneumothorax."])["input_ids"].tolist()
+    model.save_pretrained(tmp_path / "m")
+    loaded = CLIPModel.from_pretrained(tmp_path / "m")
+    assert not loaded.text_projection.weight.requires_grad
+    torch.testing.assert_close(loaded.text_projection.weight, w)
+    with pytest.raises(ValueError, match=r"image\.pooling"):
+        CLIPModel({**TINY_MODEL, "image": {**TINY_MODEL["image"], "pooling": "max"}})

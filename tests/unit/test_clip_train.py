@@ -175,3 +175,21 @@ def test_bad_config_and_input(shards: Path, tmp_path: Path) -> None:
         train_clip(shards, tmp_path / "x", {**CFG, "train": {"batch_size": 64}}, seed=0)
     with pytest.raises(FileNotFoundError, match="index"):
         train_clip(tmp_path, tmp_path / "x", CFG, seed=0)
+
+
+def test_schema_defaults_match_code() -> None:
+    """The workflow schema's clip defaults are the library's defaults (one source of truth)."""
+    import yaml
+    from snakemake.utils import validate
+
+    root = Path(__file__).resolve().parents[2]
+    with open(root / "config" / "mini.yaml", encoding="utf-8") as handle:
+        config = yaml.safe_load(handle)
+    config.pop("clip", None)
+    validate(config, str(root / "config" / "schema" / "config.schema.yaml"))
+    block = config["clip"]
+    assert {k: block[k] for k in ("model", "curator", "train")} == resolve_config({})
+    assert resolve_config(block) == resolve_config({})  # workflow keys are ignored
+    for name in ("config.yaml", "mini.yaml"):
+        with open(root / "config" / name, encoding="utf-8") as handle:
+            resolve_config(yaml.safe_load(handle)["clip"])  # no unknown keys

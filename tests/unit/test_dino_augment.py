@@ -18,7 +18,7 @@ from cxrfoundry.train.augment import (
     sample_generator,
 )
 
-from .dino_shards import _png, make_image
+from .dino_shards import _png, make_image, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def _image_bytes(size: int = 64, seed: int = 0) -> bytes:

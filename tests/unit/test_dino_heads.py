@@ -12,7 +12,7 @@ from transformers import ViTConfig, ViTModel
 from cxrfoundry.eval import heads
 from cxrfoundry.train.finetune import finetune_classification, finetune_segmentation
 
-from .dino_shards import make_shards
+from .dino_shards import make_shards, one_torch_thread  # noqa: F401 (autouse fixture)
 
 TINY = {
     "arch": "vit_demo",
@@ -78,6 +78,23 @@ def test_metrics() -> None:
     assert torch.allclose(dice, torch.tensor([[0.5, 1.0]], dtype=torch.float64))
     low, high = heads.bootstrap_ci(lambda idx: float(np.mean(idx)), 50, n_boot=100)
     assert low < 24.5 < high
+
+
+def test_paired_bootstrap_sees_a_consistent_gain() -> None:
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 1, 200)  # shared per-image noise dominates both models' scores
+    a, b = difficulty + 0.1, difficulty
+
+    def reps(x):
+        return heads.bootstrap_replicates(lambda idx: float(x[idx].mean()), 200, seed=3)
+
+    ra, rb = reps(a), reps(b)
+    assert len(ra) == 200 and heads.percentile_ci(ra)[0] < heads.percentile_ci(rb)[1]  # overlap
+    low, high = heads.paired_ci(ra, rb)
+    assert 0.099 < low <= high < 0.101  # same resamples: the shared noise cancels
+    assert heads.bootstrap_replicates(lambda idx: None, 10, n_boot=3) == [None] * 3
+    with pytest.raises(ValueError, match="unpaired"):
+        heads.paired_ci(ra, rb[:-1])
 
 
 def test_finetune_classification_writes_benchmark_json(tmp_path, shards) -> None:

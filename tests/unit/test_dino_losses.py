@@ -17,6 +17,8 @@ from cxrfoundry.models.dino_losses import (
     sinkhorn_knopp,
 )
 
+from .dino_shards import one_torch_thread  # noqa: F401 (autouse fixture)
+
 TINY = {
     "arch": "vit_demo",
     "hidden_size": 32,
@@ -39,7 +41,7 @@ def test_sinkhorn_balances_prototypes() -> None:
 
 
 def test_ema_centering_update_and_targets() -> None:
-    center = Centering(4, "ema", momentum=0.9)
+    center = Centering(4, "ema", momentum=0.9, init="zero")
     logits = torch.tensor([[1.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 2.0]])
     center.update(logits)
     assert torch.allclose(center.center, torch.tensor([[0.2, 0.0, 0.0, 0.1]]))
@@ -52,6 +54,23 @@ def test_ema_centering_update_and_targets() -> None:
     assert torch.allclose(sk.sum(dim=1), torch.ones(2), atol=1e-5)
     with pytest.raises(ValueError, match="centering"):
         Centering(4, "kmeans")
+
+
+def test_first_batch_center_init() -> None:
+    logits = torch.tensor([[1.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 2.0]])
+    center = Centering(4, "ema", momentum=0.9)
+    assert not center.state_dict()["initialized"]  # carried by checkpoints
+    targets = center.targets(logits, 0.5)
+    mean = logits.mean(dim=0, keepdim=True)
+    assert torch.allclose(center.center, mean)  # centred before first use, not against zero
+    assert torch.allclose(targets, torch.softmax((logits - mean) / 0.5, dim=1))
+    center.update(logits * 2)  # later batches: plain EMA
+    assert torch.allclose(center.center, 0.9 * mean + 0.1 * 2 * mean)
+    empty = Centering(4, "ema")
+    empty.update(torch.empty(0, 4))  # an empty first batch does not count as the first
+    assert not empty.initialized and torch.equal(empty.center, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="center init"):
+        Centering(4, "ema", init="ones")
 
 
 def test_dino_loss_pairs_and_minimum() -> None:

@@ -2,8 +2,12 @@
 
 from pathlib import Path
 
+import torch
+
 from cxrfoundry.pipeline import Step
 from cxrfoundry.train.finetune import finetune_segmentation
+
+torch.set_num_threads(snakemake.threads)
 
 with Step(snakemake) as step:
     result = finetune_segmentation(

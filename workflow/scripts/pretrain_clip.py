@@ -6,7 +6,7 @@ from cxrfoundry.pipeline import Step
 from cxrfoundry.train.clip import pretrain_clip
 
 with Step(snakemake) as step:
-    settings = {k: v for k, v in snakemake.params.settings.items() if k not in ("corpus", "eval")}
+    settings = dict(snakemake.params.settings)  # model, curator, train
     metrics = pretrain_clip(
         shards_dir=Path(snakemake.input.shards),
         out_dir=Path(snakemake.output.model),

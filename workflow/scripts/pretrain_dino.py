@@ -2,8 +2,12 @@
 
 from pathlib import Path
 
+import torch
+
 from cxrfoundry.pipeline import Step
 from cxrfoundry.train.dino import pretrain_dino
+
+torch.set_num_threads(snakemake.threads)
 
 with Step(snakemake) as step:
     metrics = pretrain_dino(

@@ -182,22 +182,52 @@ def mean_auroc(scores: np.ndarray, labels: np.ndarray, valid: np.ndarray | None 
     return float(np.mean(values)) if values else float("nan")
 
 
-def bootstrap_ci(
-    statistic, n: int, *, n_boot: int = 200, seed: int = 0, alpha: float = 0.05
-) -> tuple[float | None, float | None]:
-    """Percentile CI of ``statistic(indices)`` over ``n_boot`` resamples of ``range(n)``."""
+def bootstrap_replicates(statistic, n: int, *, n_boot: int = 200, seed: int = 0) -> list:
+    """``statistic(indices)`` on ``n_boot`` resamples of ``range(n)`` (None where not finite).
+
+    The resamples depend only on ``(n, n_boot, seed)``: two models scored on the same test set
+    with the same seed get the same resamples, so their replicates pair up (:func:`paired_ci`).
+    """
     if n_boot <= 0 or n < 2:
-        return None, None
+        return []
     rng = np.random.default_rng(seed)
-    values = []
+    out: list[float | None] = []
     for _ in range(n_boot):
         value = statistic(rng.integers(0, n, n))
-        if value is not None and np.isfinite(value):
-            values.append(value)
+        out.append(float(value) if value is not None and np.isfinite(value) else None)
+    return out
+
+
+def percentile_ci(
+    replicates: Sequence[float | None], alpha: float = 0.05
+) -> tuple[float | None, float | None]:
+    """Percentile CI of bootstrap replicates, skipping None; (None, None) without any."""
+    values = [v for v in replicates if v is not None]
     if not values:
         return None, None
     low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
+
+
+def bootstrap_ci(
+    statistic, n: int, *, n_boot: int = 200, seed: int = 0, alpha: float = 0.05
+) -> tuple[float | None, float | None]:
+    """Percentile CI of ``statistic(indices)`` over ``n_boot`` resamples of ``range(n)``."""
+    return percentile_ci(bootstrap_replicates(statistic, n, n_boot=n_boot, seed=seed), alpha)
+
+
+def paired_ci(
+    a: Sequence[float | None], b: Sequence[float | None], alpha: float = 0.05
+) -> tuple[float | None, float | None]:
+    """Percentile CI of ``a - b`` over paired bootstrap replicates (same resamples, same order).
+
+    Pairing removes the test-set sampling noise the two models share, so a consistent gain shows
+    even where the two unpaired CIs overlap. Raises ``ValueError`` if the lengths differ.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"unpaired bootstrap replicates: {len(a)} vs {len(b)}")
+    diffs = [x - y for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    return percentile_ci(diffs, alpha)
 
 
 def decode_rle(rle: str, height: int, width: int) -> np.ndarray:

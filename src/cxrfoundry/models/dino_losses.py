@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CENTERINGS = ("ema", "sinkhorn")
+CENTER_INITS = ("first_batch", "zero")
 
 
 def _distributed() -> bool:
@@ -63,34 +64,64 @@ class Centering(nn.Module):
     ``momentum``, 0.9 in CXformer) of the batch-mean teacher logits, updated after use.
     ``mode="sinkhorn"`` (stock DINOv2): :func:`sinkhorn_knopp`; the centre is still tracked for
     diagnostics but does not change the targets.
+
+    ``init="first_batch"`` (default) sets the centre to the first batch's mean logits before that
+    batch is used; ``init="zero"`` is DINO's zero start. With a zero start the first
+    ~``1 / (1 - momentum)`` steps see *uncentred* targets that put every image on the same
+    prototype; DINO's 10-epoch lr warm-up makes that harmless, but in a short run the student
+    learns that common mode and the representation collapses (uniform targets) for good.
     """
 
-    def __init__(self, n_prototypes: int, mode: str = "ema", momentum: float = 0.9) -> None:
+    def __init__(
+        self, n_prototypes: int, mode: str = "ema", momentum: float = 0.9, init: str = "first_batch"
+    ) -> None:
         super().__init__()
         if mode not in CENTERINGS:
             raise ValueError(f"unknown centering {mode!r}; expected one of {CENTERINGS}")
+        if init not in CENTER_INITS:
+            raise ValueError(f"unknown center init {init!r}; expected one of {CENTER_INITS}")
         self.mode = mode
         self.momentum = float(momentum)
         self.register_buffer("center", torch.zeros(1, n_prototypes))
+        # A buffer (not a Python flag) so that checkpoints and resume carry it.
+        self.register_buffer("initialized", torch.tensor(init == "zero"))
 
     @torch.no_grad()
     def targets(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
         """Teacher probabilities (float32) for ``logits`` of shape ``(n, n_prototypes)``."""
         if self.mode == "sinkhorn":
             return sinkhorn_knopp(logits, temperature)
+        self._init_from(logits)
         return F.softmax((logits.float() - self.center) / temperature, dim=-1)
 
-    @torch.no_grad()
-    def update(self, logits: torch.Tensor) -> None:
-        """EMA update of the centre with the (all-rank) mean of ``logits``; skips empty batches."""
+    def _init_from(self, logits: torch.Tensor) -> None:
+        """``init="first_batch"``: set the centre to the first (non-empty) batch's mean."""
+        if bool(self.initialized):
+            return
+        mean = self._batch_mean(logits)
+        if mean is not None:
+            self.center.copy_(mean)
+            self.initialized.fill_(True)
+
+    @staticmethod
+    def _batch_mean(logits: torch.Tensor) -> torch.Tensor | None:
+        """Mean of ``logits`` over the samples of all ranks; None when there are none."""
         stats = torch.cat(
             [logits.float().sum(dim=0), logits.new_tensor([logits.shape[0]], dtype=torch.float32)]
         )
         stats = all_reduce_sum(stats)
         n = stats[-1]
         if n.item() == 0:
+            return None
+        return (stats[:-1] / n).unsqueeze(0)
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor) -> None:
+        """EMA update of the centre with the (all-rank) mean of ``logits``; skips empty batches."""
+        self._init_from(logits)
+        batch_center = self._batch_mean(logits)
+        if batch_center is None:
             return
-        batch_center = (stats[:-1] / n).unsqueeze(0)
         self.center.mul_(self.momentum).add_(batch_center, alpha=1 - self.momentum)
 
 

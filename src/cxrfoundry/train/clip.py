@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -87,13 +88,17 @@ DEFAULT_CLIP_CONFIG: dict[str, Any] = {
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
+#: Keys of the workflow's ``clip`` block that are not training settings (ignored here).
+WORKFLOW_KEYS = frozenset({"enabled", "corpus", "eval"})
+
 
 def resolve_config(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     """Defaults merged with ``cfg``; unknown ``train``/``curator`` keys raise ``ValueError``."""
     cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(DEFAULT_CLIP_CONFIG) - {"eval"})
+    unknown = sorted(set(cfg) - set(DEFAULT_CLIP_CONFIG) - WORKFLOW_KEYS)
     if unknown:
         raise ValueError(f"clip: unknown keys {unknown}")
+    cfg = {k: v for k, v in cfg.items() if k not in WORKFLOW_KEYS}
     unknown = sorted(set(cfg.get("train") or {}) - set(DEFAULT_TRAIN_CONFIG))
     if unknown:
         raise ValueError(f"clip.train: unknown keys {unknown}")
@@ -578,6 +583,8 @@ def train_clip(
     if status != "preempted" and trainer.dist.is_main:
         trainer.write_outputs(out, metrics)
         (work / CHECKPOINT_NAME).unlink(missing_ok=True)
+        if work.is_dir() and not any(work.iterdir()):
+            work.rmdir()  # leave no empty work folder behind a completed run
     engine.barrier()
     log.info("clip training %s after %d steps", status, trainer.step)
     return metrics
@@ -648,27 +655,36 @@ def run_ablation(
     cfg: Mapping[str, Any] | None,
     *,
     seed: int,
-    split: str = "test",
+    split: str | None = None,
 ) -> dict[str, Any]:
     """Curated vs uncurated training at equal epochs; zero-shot AUROC of each on ``split``.
 
-    Writes ``{out_dir}/{curated,uncurated}/`` (models), ``{out_dir}/ablation.json`` and
-    ``{out_dir}/ablation.md`` and returns the summary.
+    ``cfg`` is the workflow's ``clip`` block; its ``eval`` settings (``split``, ``findings``,
+    ``min_per_class``, ``n_boot``) apply to both evaluations, ``split`` overrides them.
+    Writes ``{out_dir}/{curated,uncurated}/`` (models), ``{out_dir}/{name}.zeroshot.json``,
+    ``{out_dir}/ablation.json`` and ``{out_dir}/ablation.md`` and returns the summary.
     """
     from cxrfoundry.eval.zeroshot import zeroshot_eval
 
     out = Path(out_dir)
+    ev = dict((cfg or {}).get("eval") or {})
+    split = split or ev.get("split", "test")
     rows = {}
     for name, enabled in (("curated", True), ("uncurated", False)):
         run_cfg = copy.deepcopy(dict(cfg or {}))
         run_cfg.setdefault("curator", {})["enabled"] = enabled
         model_dir = out / name
+        started = time.perf_counter()
         metrics = train_clip(shards_dir, model_dir, run_cfg, seed=seed)
+        wall = time.perf_counter() - started  # informational: the only non-reproducible field
         zs = zeroshot_eval(
             model_dir,
             shards_dir,
             out / f"{name}.zeroshot.json",
             split=split,
+            findings=ev.get("findings"),
+            min_per_class=ev.get("min_per_class", 5),
+            n_boot=ev.get("n_boot", 200),
             seed=seed,
             model_name=f"clip-{name}",
         )
@@ -678,6 +694,8 @@ def run_ablation(
             "samples_seen": metrics["samples_seen"],
             "samples_in_loss": metrics["samples_in_loss"],
             "total_flops": metrics["total_flops"],
+            "steps": metrics["steps"],
+            "train_wall_s": round(wall, 1),
             "mean_auroc": zs["value"],
             "auroc_ci": [zs["ci_low"], zs["ci_high"]],
         }
@@ -693,13 +711,17 @@ def run_ablation(
     }
     cio.write_json(out / "ablation.json", summary)
     lines = [
-        "| run | subset | samples seen | samples in loss | FLOPs | mean AUROC |",
-        "|---|---|---|---|---|---|",
+        "| run | subset | steps | samples seen | samples in loss | FLOPs | train wall s "
+        "| mean AUROC (95 % CI) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
+        lo, hi = r["auroc_ci"]
+        ci = f" ({lo:.3f}-{hi:.3f})" if lo is not None and hi is not None else ""
         lines.append(
-            f"| {name} | {r['subset_size']}/{r['train_samples']} | {r['samples_seen']} | "
-            f"{r['samples_in_loss']} | {r['total_flops']:.3g} | {r['mean_auroc']:.4f} |"
+            f"| {name} | {r['subset_size']}/{r['train_samples']} | {r['steps']} | "
+            f"{r['samples_seen']} | {r['samples_in_loss']} | {r['total_flops']:.3g} | "
+            f"{r['train_wall_s']} | {r['mean_auroc']:.4f}{ci} |"
         )
     lines.append(f"\nAUROC ratio curated/uncurated: {ratio:.3f}")
     cio.write_text(out / "ablation.md", "\n".join(lines) + "\n")

@@ -72,10 +72,12 @@ DEFAULTS: dict[str, Any] = {
     "masking": {"probability": 0.5, "ratio": [0.1, 0.5]},
     "centering": "ema",  # "ema" (CXformer) or "sinkhorn" (stock DINOv2)
     "center_momentum": 0.9,
+    "center_init": "first_batch",  # or "zero" (DINO); see Centering
     "student_temp": 0.1,
     "teacher_temp": 0.07,
     "teacher_temp_warmup": 0.04,
-    "teacher_temp_warmup_epochs": 0,
+    # DINO/DINOv2: 0.04 -> 0.07 over 30 epochs; 0.07 from the start collapses (DINO, fig. 7).
+    "teacher_temp_warmup_epochs": 30,
     "loss_weights": {"dino": 1.0, "ibot": 1.0, "koleo": 0.0},
     "split": "train",
     "batch_size": 1024,  # global, over all ranks
@@ -91,7 +93,7 @@ DEFAULTS: dict[str, Any] = {
     "teacher_momentum": 0.999,
     "teacher_momentum_end": 1.0,
     "freeze_backbone_epochs": 1,  # CXformer: backbone frozen in the first epoch
-    "freeze_last_layer_epochs": 0,
+    "freeze_last_layer_epochs": 1,  # DINO/DINOv2: prototypes fixed in the first epoch
     "precision": "bf16",  # on GPU; CPU always runs fp32
     "device": "auto",
     "num_workers": 0,
@@ -291,6 +293,24 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 # -- diagnostics -------------------------------------------------------------------------------
 @torch.no_grad()
+def collapse_diagnostics(targets: torch.Tensor, cls: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Collapse monitors of one step (this rank's batch).
+
+    ``target_entropy``: mean entropy of the teacher's DINO targets (→ ln K: uniform collapse);
+    ``target_batch_entropy``: entropy of their batch mean (→ 0: every image on one prototype);
+    ``cls_cosine``: mean pairwise cosine of the teacher's CLS features (→ 1: one embedding).
+    """
+    t = targets.float()
+    row = -(t * t.clamp_min(1e-12).log()).sum(dim=-1).mean()
+    mean = t.mean(dim=0)
+    batch = -(mean * mean.clamp_min(1e-12).log()).sum()
+    x = torch.nn.functional.normalize(cls.float(), dim=-1)
+    n = x.shape[0]
+    cos = (x @ x.t()).sum().sub(n).div(max(n * (n - 1), 1))
+    return {"target_entropy": row, "target_batch_entropy": batch, "cls_cosine": cos}
+
+
+@torch.no_grad()
 def high_norm_token_share(
     backbone: nn.Module, pixels: torch.Tensor, norm_factor: float = 2.0
 ) -> dict[str, float]:
@@ -395,10 +415,16 @@ def train_dino(
     for p in teacher.parameters():
         p.requires_grad_(False)
     dino_center = Centering(
-        cfg["dino_head"]["n_prototypes"], cfg["centering"], cfg["center_momentum"]
+        cfg["dino_head"]["n_prototypes"],
+        cfg["centering"],
+        cfg["center_momentum"],
+        init=cfg["center_init"],
     ).to(device)
     ibot_center = Centering(
-        cfg["ibot_head"]["n_prototypes"], cfg["centering"], cfg["center_momentum"]
+        cfg["ibot_head"]["n_prototypes"],
+        cfg["centering"],
+        cfg["center_momentum"],
+        init=cfg["center_init"],
     ).to(device)
     optimizer = torch.optim.AdamW(param_groups(student, float(cfg["layer_decay"])), lr=cfg["lr"])
 
@@ -509,6 +535,7 @@ def train_dino(
         return {
             "loss": total.detach(),
             **{f"loss_{k}": v.detach() for k, v in losses.items()},
+            **collapse_diagnostics(t_dino, t_out["global_cls"]),
             "grad_norm": torch.tensor(grad_norm),
             "teacher_momentum": torch.tensor(momentum),
             "teacher_temp": torch.tensor(temp),
@@ -661,8 +688,10 @@ def summarize_ablation(
 ) -> list[dict[str, Any]]:
     """One row per DINO model (plus the random-init baseline): AUROC, Dice, FLOPs, artifacts.
 
-    Reads ``{model}/metrics.json`` and ``{benchmark_root}/{model}/{cls,seg}.json``; writes a
-    Markdown table to ``out_md`` and the rows to ``out_json``; returns the rows.
+    The AUROC gain over ``dino_random`` gets a paired bootstrap CI when both benchmark files carry
+    ``details.bootstrap_replicates`` (same test set, seed and resample count). Reads
+    ``{model}/metrics.json`` and ``{benchmark_root}/{model}/{cls,seg}.json``; writes a Markdown
+    table to ``out_md`` and the rows to ``out_json``; returns the rows.
     """
 
     def bench(model: str, task: str) -> dict[str, Any]:
@@ -671,11 +700,19 @@ def summarize_ablation(
             raise FileNotFoundError(f"{path}: benchmark missing for the ablation table")
         return cio.read_json(path)
 
+    from cxrfoundry.eval.heads import paired_ci
+
+    baseline = bench("dino_random", "cls")
     rows = []
     for model_dir in [*model_dirs, None]:
         name = "dino_random" if model_dir is None else model_dir.name
         pre = {} if model_dir is None else cio.read_json(model_dir / "metrics.json")
         cls, seg = bench(name, "cls"), bench(name, "seg")
+        gain_ci: tuple[float | None, float | None] = (None, None)
+        mine = cls.get("details", {}).get("bootstrap_replicates")
+        theirs = baseline.get("details", {}).get("bootstrap_replicates")
+        if model_dir is not None and mine and theirs and len(mine) == len(theirs):
+            gain_ci = paired_ci(mine, theirs)
         rows.append(
             {
                 "model": name,
@@ -685,6 +722,8 @@ def summarize_ablation(
                 "n_prototypes": pre.get("n_prototypes"),
                 "auroc_mean": cls["value"],
                 "auroc_ci": [cls["ci_low"], cls["ci_high"]],
+                "auroc_gain": None if model_dir is None else cls["value"] - baseline["value"],
+                "auroc_gain_ci": list(gain_ci),
                 "dice_lungs": seg["per_class"].get("lungs"),
                 "dice_heart": seg["per_class"].get("heart"),
                 "pretrain_flops": pre.get("total_flops"),
@@ -696,16 +735,21 @@ def summarize_ablation(
         return "–" if value is None else format(value, spec)
 
     lines = [
-        "| model | registers | centering | prototypes | mean AUROC [95% CI] | Dice lungs "
-        "| Dice heart | pretrain FLOPs | high-norm tokens |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | registers | centering | prototypes | mean AUROC [95% CI] "
+        "| vs random [paired 95% CI] | Dice lungs | Dice heart | pretrain FLOPs "
+        "| high-norm tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         low, high = r["auroc_ci"]
+        glow, ghigh = r["auroc_gain_ci"]
+        gain = "–" if r["auroc_gain"] is None else f"{r['auroc_gain']:+.4f}"
+        if glow is not None:
+            gain += f" [{glow:+.3f}, {ghigh:+.3f}]"
         lines.append(
             f"| {r['model']} | {fmt(r['num_register_tokens'], 'd')} | {r['centering'] or '–'} "
             f"| {fmt(r['n_prototypes'], 'd')} | {r['auroc_mean']:.4f} "
-            f"[{fmt(low, '.3f')}, {fmt(high, '.3f')}] | {fmt(r['dice_lungs'], '.4f')} "
+            f"[{fmt(low, '.3f')}, {fmt(high, '.3f')}] | {gain} | {fmt(r['dice_lungs'], '.4f')} "
             f"| {fmt(r['dice_heart'], '.4f')} | {fmt(r['pretrain_flops'], '.3g')} "
             f"| {fmt(r['high_norm_share'], '.2%')} |"
         )

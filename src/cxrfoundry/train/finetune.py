@@ -328,12 +328,13 @@ def finetune_classification(
     valid = test["valid"][:, cols].numpy()
     per_class = heads.auroc_per_class(scores, labels, valid)
     value = heads.mean_auroc(scores, labels, valid)
-    ci = heads.bootstrap_ci(
+    replicates = heads.bootstrap_replicates(
         lambda idx: heads.mean_auroc(scores[idx], labels[idx], valid[idx]),
         len(scores),
         n_boot=int(cfg["bootstrap"]),
         seed=seed,
     )
+    ci = heads.percentile_ci(replicates)
     result = {
         "task": "cls",
         "model": model_name,
@@ -353,6 +354,8 @@ def finetune_classification(
             **fit_info,
             "config": cfg,
             "seed": seed,
+            # Same (n, bootstrap, seed) => same resamples: pairs with another model's replicates.
+            "bootstrap_replicates": replicates,
         },
     }
     cio.write_json(out_json, result)
@@ -415,9 +418,10 @@ def finetune_segmentation(
     logits = predict(model, splits["test"]["images"], cfg, device)
     dice = heads.dice_per_image(logits > 0, splits["test"]["targets"]).numpy()  # (N, S)
     value = float(dice.mean())
-    ci = heads.bootstrap_ci(
+    replicates = heads.bootstrap_replicates(
         lambda idx: float(dice[idx].mean()), len(dice), n_boot=int(cfg["bootstrap"]), seed=seed
     )
+    ci = heads.percentile_ci(replicates)
     result = {
         "task": "seg",
         "model": model_name,
@@ -435,6 +439,8 @@ def finetune_segmentation(
             **fit_info,
             "config": cfg,
             "seed": seed,
+            # Same (n, bootstrap, seed) => same resamples: pairs with another model's replicates.
+            "bootstrap_replicates": replicates,
         },
     }
     cio.write_json(out_json, result)
