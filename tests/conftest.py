@@ -65,8 +65,17 @@ def mini_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished default-target run of config/mini.yaml, made once per pytest session.
 
     Shared by every integration module: never modify it, copy it with :func:`copy_run`.
+    ``CXRF_MINI_RUN=/path/to/finished/run`` reuses a copy of an existing run of the same code
+    and config (for iterating on integration tests; CI always makes a fresh one).
     """
     workdir = tmp_path_factory.mktemp("mini-run")
+    existing = os.environ.get("CXRF_MINI_RUN")
+    if existing:
+        workdir = copy_run(Path(existing), workdir / "run")
+        assert "Nothing to be done" in snakemake(workdir, "--dry-run").stdout, (
+            f"CXRF_MINI_RUN={existing} is not a finished run of this code and config"
+        )
+        return workdir
     snakemake(workdir)
     return workdir
 

@@ -64,10 +64,22 @@ CODE_PARAM = "code"
 DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
     "pretrain_*": {"rtol": 1e-4, "atol": 1e-5},
     "train_*": {"rtol": 1e-4, "atol": 1e-5},
+    "finetune_*": {"rtol": 1e-4, "atol": 1e-5},
+    "encode_features": {"rtol": 1e-4, "atol": 1e-5},
+    "zeroshot": {"rtol": 1e-4, "atol": 1e-5},
+    "retrieval": {"rtol": 1e-4, "atol": 1e-5},
     "probe": {"rtol": 1e-4, "atol": 1e-5},
     "segment": {"rtol": 1e-4, "atol": 1e-5},
+    "fairness": {"rtol": 1e-4, "atol": 1e-5},
+    "augment": {"rtol": 1e-4, "atol": 1e-5},
+    "synth_pretrain": {"rtol": 1e-4, "atol": 1e-5},
     "synthesize_cohort": {"rtol": 1e-3, "atol": 1e-3},
+    "generation_quality": {"rtol": 1e-3, "atol": 1e-3},
 }
+
+#: Keys of JSON outputs and checkpoints that measure the run rather than its result (wall
+#: time, throughput, utilisation): :func:`compare_within_tolerance` does not compare them.
+TIMING_KEYS: tuple[str, ...] = ("*_per_s", "wall_s*", "*_wall_s", "mfu", "elapsed*", "*_seconds")
 
 ERROR, STALE, WARNING = "error", "stale", "warning"
 
@@ -655,19 +667,58 @@ def _tolerance(rule: str, tolerances: Mapping[str, Mapping[str, float]]) -> dict
     return None
 
 
+def _is_timing(key: Any) -> bool:
+    return isinstance(key, str) and any(fnmatch.fnmatchcase(key, p) for p in TIMING_KEYS)
+
+
 def _close(a: Any, b: Any, rtol: float, atol: float) -> bool:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k], rtol, atol) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
+    """Numbers within tolerance, tensors and arrays element-wise, containers recursively;
+    timing keys (:data:`TIMING_KEYS`) skipped; anything else by equality."""
+    import numpy as np
+    import torch
+
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        keys_a = {k for k in a if not _is_timing(k)}
+        keys_b = {k for k in b if not _is_timing(k)}
+        return keys_a == keys_b and all(_close(a[k], b[k], rtol, atol) for k in keys_a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
         return len(a) == len(b) and all(_close(x, y, rtol, atol) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if not (a.is_floating_point() or a.is_complex()):
+            return bool(torch.equal(a, b))
+        return bool(torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol, equal_nan=True))
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return _close(torch.from_numpy(a), torch.from_numpy(b), rtol, atol)
     if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+        if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+            return True
         return math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
     return a == b
 
 
+def _load_numeric(path: Path) -> Any | None:
+    """A file's content as comparable Python/torch objects, or None for an opaque format."""
+    name = path.name
+    if name.endswith(".json"):
+        return read_json(path)
+    if name.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if name.endswith((".pt", ".pth")):
+        import torch
+
+        # Our own training states: tensors, numbers, RNG states (a trusted, local file).
+        return torch.load(path, map_location="cpu", weights_only=False)
+    return None
+
+
 def compare_within_tolerance(old: Path, new: Path, rtol: float, atol: float) -> tuple[bool, str]:
-    """Compare two files or folders numerically: safetensors tensor-wise, JSON number-wise, other
-    files bitwise. Returns (ok, explanation)."""
+    """Compare two files or folders numerically: JSON number-wise, safetensors and torch
+    checkpoints tensor-wise (timing fields, :data:`TIMING_KEYS`, left out), other files
+    bitwise. Returns (ok, explanation)."""
     pairs: list[tuple[Path, Path, str]]
     if old.is_dir():
         names = sorted(
@@ -682,24 +733,12 @@ def compare_within_tolerance(old: Path, new: Path, rtol: float, atol: float) -> 
             return False, f"{name} exists in only one of the two"
         if sha256_file(a) == sha256_file(b):
             continue
-        if name.endswith(".safetensors"):
-            import torch
-            from safetensors.torch import load_file
-
-            ta, tb = load_file(str(a)), load_file(str(b))
-            if ta.keys() != tb.keys():
-                return False, f"{name}: different tensors"
-            for key in ta:
-                if ta[key].shape != tb[key].shape or not torch.allclose(
-                    ta[key].double(), tb[key].double(), rtol=rtol, atol=atol
-                ):
-                    return False, f"{name}: tensor {key} differs beyond rtol={rtol}, atol={atol}"
-        elif name.endswith(".json"):
-            if not _close(read_json(a), read_json(b), rtol, atol):
-                return False, f"{name}: values differ beyond rtol={rtol}, atol={atol}"
-        else:
+        content_a = _load_numeric(a)
+        if content_a is None:
             return False, f"{name}: bytes differ (no numeric comparison for this file type)"
-    return True, f"equal within rtol={rtol}, atol={atol}"
+        if not _close(content_a, _load_numeric(b), rtol, atol):
+            return False, f"{name}: values differ beyond rtol={rtol}, atol={atol}"
+    return True, f"equal within rtol={rtol}, atol={atol} (timing fields not compared)"
 
 
 def _copy(src: Path, dst: Path) -> None:

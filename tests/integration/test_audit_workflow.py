@@ -18,7 +18,7 @@ import yaml
 
 from cxrfoundry.audit import WORKFLOW_FILES, audit
 from cxrfoundry.io import read_json
-from tests.conftest import REPO
+from tests.conftest import REPO, snakemake
 
 pytestmark = pytest.mark.integration
 
@@ -63,18 +63,28 @@ def flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def mini_jobs(workdir: Path) -> int:
+    """How many jobs the whole mini workflow has (a dry run with ``--forceall``)."""
+    proc = snakemake(workdir, "--dry-run", "--forceall", "--quiet", "rules")
+    counts = [line.split() for line in proc.stdout.splitlines()]
+    total = [int(row[1]) for row in counts if len(row) == 2 and row[0] == "total"]
+    assert total, proc.stdout
+    return total[0]
+
+
 def test_fresh_run_passes_the_audit_rule_and_the_cli(run_copy):
     rule_report = read_json(run_copy / "results/audit/audit.json")
     assert rule_report["ok"] and rule_report["counts"]["errors"] == 0, rule_report["findings"]
-    # Every job of the mini workflow but the audit itself: 4 datasets x 4 rules, shard,
-    # data_audit.
-    assert rule_report["counts"]["records"] == 18
+    # Every job of the mini workflow but the audit itself and `all` (which writes nothing).
+    jobs = mini_jobs(run_copy)
+    assert rule_report["counts"]["records"] == jobs - 2
+    assert jobs - 2 >= 18, "4 datasets x 4 rules, shard, data_audit and the model stages"
     assert rule_report["counts"]["raw_files_checked"] > 0
     rc, out, report = cli_audit(run_copy)
     assert rc == 0, out
     assert "audit PASS" in out
     # The audit rule's record is in the chain now, and nothing is stale.
-    assert report["counts"]["records"] == 19
+    assert report["counts"]["records"] == jobs - 1
     assert report["counts"]["errors"] == report["counts"]["stale"] == 0, report["findings"]
     assert (run_copy / "results/audit/cli/audit.md").read_text().count("PASS") == 1
 
@@ -180,3 +190,18 @@ def test_reproduce_rebuilds_a_manifest_bitwise(run_copy):
     # Only the target's own job ran: the scratch folder is gone, the run is untouched.
     assert not Path(result["scratch"]).exists()
     assert audit(run_copy, check_raw=False, stale=False).ok
+
+
+def test_reproduce_retrains_a_model_within_tolerance(run_copy):
+    """A training job reproduces: weights and metrics equal within the stated tolerance, the
+    throughput and wall-time fields of metrics.json aside."""
+    for name in WORKFLOW_FILES:
+        if (REPO / name).exists():
+            (run_copy / name).symlink_to(REPO / name)
+    target = "results/models/dino"
+    proc = cli("reproduce", target, "--configfile", "config/mini.yaml", cwd=run_copy)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (result,) = read_json(run_copy / "results/audit/reproduce/audit.json")["reproductions"]
+    assert result["ok"] and result["rule"] == "pretrain_dino", result
+    (comparison,) = result["comparisons"]
+    assert comparison["result"] in ("identical", "within tolerance"), comparison

@@ -74,20 +74,31 @@ def datasets_of(jobs: list[dict[str, str]], rule: str) -> set[str]:
     return {j["wildcards"].removeprefix("dataset=") for j in jobs if j["rule"] == rule}
 
 
-DOWNSTREAM_OF_CORPUS = {"shard": 1, "data_audit": 1, "audit": 1, "all": 1}
+@pytest.fixture(scope="module")
+def downstream_of_corpus(mini_run, tmp_path_factory) -> Counter:
+    """Every job of the mini workflow that reads the corpus' shards, directly or not.
+
+    Taken from the full job list (``--forceall``) so that it follows the stages the workflow
+    has: everything but the per-dataset jobs upstream of the shards.
+    """
+    workdir = copy_run(mini_run, tmp_path_factory.mktemp("forceall") / "run")
+    every = by_rule(planned_jobs(workdir, "--forceall"))
+    return Counter({rule: n for rule, n in every.items() if rule not in PER_DATASET})
 
 
-def test_shard_setting_reruns_shards_and_audits_only(mini_run, tmp_path):
+def test_shard_setting_reruns_shards_and_what_reads_them(mini_run, tmp_path, downstream_of_corpus):
     """`shards.image_size` reruns the shard job and what reads it; a real rerun does just that."""
     workdir = copy_run(mini_run, tmp_path / "run")
     assert planned_jobs(workdir) == [], "a copied, finished run must plan nothing"
     config = write_config(tmp_path / "size.yaml", lambda c: c["shards"].update(image_size=48))
     jobs = planned_jobs(workdir, config=str(config))
-    assert by_rule(jobs) == DOWNSTREAM_OF_CORPUS, jobs
+    assert by_rule(jobs) == downstream_of_corpus, jobs
+    assert {"shard", "data_audit", "audit", "all"} <= set(downstream_of_corpus)
     (shard,) = [j for j in jobs if j["rule"] == "shard"]
     assert shard["reason"].startswith("Params have changed"), shard
 
-    # The real rerun: only the shards and the audits change, byte for byte.
+    # The real rerun, of the `data` target (the model stages downstream would take minutes):
+    # only the shards and the data audit change; everything upstream stays, byte for byte.
     upstream = [
         p
         for sub in ("resources/raw", "results/manifests", "results/frontal", "results/reports")
@@ -97,14 +108,19 @@ def test_shard_setting_reruns_shards_and_audits_only(mini_run, tmp_path):
     before = {p: (sha256_file(p), p.stat().st_mtime_ns) for p in upstream}
     records = {p: sha256_file(p) for p in (workdir / "results/provenance").rglob("*.json")}
     old_index = read_json(workdir / "results/shards/demo/index.json")
-    snakemake(workdir, config=str(config))
+    assert by_rule(planned_jobs(workdir, "data", config=str(config))) == {
+        "shard": 1,
+        "data_audit": 1,
+        "data": 1,
+    }
+    snakemake(workdir, "data", config=str(config))
     assert {p: (sha256_file(p), p.stat().st_mtime_ns) for p in upstream} == before
     rewritten = {
         p.relative_to(workdir / "results/provenance").as_posix()
         for p, sha in records.items()
         if sha256_file(p) != sha
     }
-    assert rewritten == {"shard/demo.json", "data_audit/all.json", "audit/all.json"}
+    assert rewritten == {"shard/demo.json", "data_audit/all.json"}
     index = read_json(workdir / "results/shards/demo/index.json")
     assert index != old_index
     assert index["params"]["image_size"] == 48
@@ -113,14 +129,19 @@ def test_shard_setting_reruns_shards_and_audits_only(mini_run, tmp_path):
         columns=["height", "width"],
     ).to_pylist()
     assert sizes and all(max(r["height"], r["width"]) == 48 for r in sizes), sizes
-    audit = read_json(workdir / "results/audit/audit.json")
-    assert audit["ok"], audit["findings"]
+    assert read_json(workdir / "results/audit/data.json")["ok"]
     record = read_json(workdir / "results/provenance/shard/demo.json")
     assert record["params"]["settings"]["image_size"] == 48
-    assert planned_jobs(workdir, config=str(config)) == []
+    assert planned_jobs(workdir, "data", config=str(config)) == []
+    # The models trained on the old shards are now out of date, and Snakemake says so.
+    assert by_rule(planned_jobs(workdir, config=str(config))) == downstream_of_corpus - Counter(
+        {"shard": 1, "data_audit": 1}
+    )
 
 
-def test_ingest_option_of_one_dataset_reruns_that_dataset_only(mini_run, tmp_path):
+def test_ingest_option_of_one_dataset_reruns_that_dataset_only(
+    mini_run, tmp_path, downstream_of_corpus
+):
     workdir = copy_run(mini_run, tmp_path / "run")
 
     def edit(config):
@@ -132,12 +153,37 @@ def test_ingest_option_of_one_dataset_reruns_that_dataset_only(mini_run, tmp_pat
         "ingest": 1,
         "filter_frontal": 1,
         "synthesize_reports": 1,
-        **DOWNSTREAM_OF_CORPUS,
+        **downstream_of_corpus,
     }, jobs
     for rule in ("ingest", "filter_frontal", "synthesize_reports"):
         assert datasets_of(jobs, rule) == {"nih_demo"}, (rule, jobs)
     (ingest,) = [j for j in jobs if j["rule"] == "ingest"]
     assert ingest["reason"].startswith("Params have changed"), ingest
+
+
+def test_model_hyperparameter_reruns_that_model_and_its_dependents_only(mini_run, tmp_path):
+    """`dino.pretrain.lr` reruns the DINO model and what reads it: not CLIP, not the baseline."""
+    workdir = copy_run(mini_run, tmp_path / "run")
+
+    def edit(config):
+        config["dino"]["pretrain"]["lr"] = 1.0e-3
+
+    jobs = planned_jobs(workdir, config=str(write_config(tmp_path / "lr.yaml", edit)))
+    (pretrain,) = [j for j in jobs if j["rule"] == "pretrain_dino"]
+    assert pretrain["wildcards"] == "dino_model=dino", pretrain
+    assert pretrain["reason"].startswith("Params have changed"), pretrain
+    # What depends on the model, by Snakemake's own DAG: force the model's job and compare.
+    dependents = planned_jobs(workdir, "--forcerun", "results/models/dino")
+    assert by_rule(jobs) == by_rule(dependents), (jobs, dependents)
+    assert {(j["rule"], j["wildcards"]) for j in jobs} == {
+        (j["rule"], j["wildcards"]) for j in dependents
+    }
+    rules = by_rule(jobs)
+    assert "pretrain_clip" not in rules and "shard" not in rules, jobs
+    assert not set(PER_DATASET) & set(rules), jobs
+    # The random-init baseline's benchmarks do not read the DINO model: they stay.
+    assert not [j for j in jobs if "dino_random" in j["wildcards"]], jobs
+    assert {"finetune_cls", "finetune_seg"} <= set(rules), jobs
 
 
 def _src_copy_with_edit(tmp_path: Path, module_file: str) -> Path:
@@ -163,7 +209,7 @@ def _python_env(src: Path) -> dict[str, str]:
     ],
 )
 def test_src_module_change_reruns_the_rules_importing_it(
-    mini_run, tmp_path, module, file, importers
+    mini_run, tmp_path, downstream_of_corpus, module, file, importers
 ):
     # The rules' code= params name these modules; the closure decides who is affected.
     rule_modules = {
@@ -193,7 +239,7 @@ def test_src_module_change_reruns_the_rules_importing_it(
     # Every per-dataset rule after the first importer reruns because its input is rebuilt.
     first = min(PER_DATASET.index(r) for r in importers)
     expected.update({rule: len(DATASETS) for rule in PER_DATASET[first:]})
-    assert by_rule(jobs) == {**expected, **DOWNSTREAM_OF_CORPUS}, jobs
+    assert by_rule(jobs) == {**expected, **downstream_of_corpus}, jobs
     for rule in importers:
         assert datasets_of(jobs, rule) == set(DATASETS), (rule, jobs)
     # Snakemake gives one reason per job: the first importer's is its params (the code hash);

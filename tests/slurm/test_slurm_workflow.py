@@ -5,10 +5,11 @@
    submitted with ``--gpus=1`` (``TresPerJob``) and saw ``CUDA_VISIBLE_DEVICES``.
 2. The same with ``cxrfoundry install-profile`` into a private config home and the literal
    ``snakemake --profile slurm``; the site's partitions are applied to CPU and GPU rules.
-3. The project's mini workflow (``config/mini.yaml``, its data targets) through
-   ``--profile profiles/slurm``: every job ran under sbatch, the GPU rule (``synthesize_reports``,
-   given ``gpu: 1`` in the test's profile copy) was submitted with ``--gpus=1`` and saw
-   ``CUDA_VISIBLE_DEVICES``, and downloads, manifests, frontal tables, reports and shards are
+3. The project's mini workflow (``config/mini.yaml``, its data targets and the DINO model)
+   through ``--profile profiles/slurm``: every job ran under sbatch, the GPU rules
+   (``pretrain_dino`` by the profile, ``synthesize_reports`` given ``gpu: 1`` in the test's
+   profile copy) were submitted with ``--gpus=1`` and saw ``CUDA_VISIBLE_DEVICES``, and
+   downloads, manifests, frontal tables, reports, shards and the trained weights are
    bit-identical to a local run's. It is marked ``slow`` (minutes), and runs in CI.
 """
 
@@ -154,6 +155,8 @@ DETERMINISTIC = (
 #: only with a managed LLM server), so the test's profile copy adds `gpu: 1` to it, as a site
 #: would for a GPU rule. Its template backend ignores the GPU: outputs stay bit-identical.
 GPU_RULE = "synthesize_reports"
+#: A training job run through Slurm too: the profile requests a GPU for it (`pretrain_dino`).
+TRAINED = "results/models/dino"
 
 
 def _copy_repo(dest: Path) -> None:
@@ -189,7 +192,8 @@ def _tree_hashes(root: Path, subdirs: tuple[str, ...]) -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.skipif(not MINI.is_file(), reason="config/mini.yaml not written yet")
 def test_mini_workflow_matches_local_run(slurm_cluster, mini_run: Path, tmp_path: Path) -> None:
-    """The mini workflow's data targets through `--profile profiles/slurm` equal a local run."""
+    """The mini workflow's data targets and DINO model through `--profile profiles/slurm` equal
+    a local run."""
     import yaml
 
     cluster = tmp_path / "slurm"
@@ -202,7 +206,8 @@ def test_mini_workflow_matches_local_run(slurm_cluster, mini_run: Path, tmp_path
 
     _, t_slurm = _run(
         [
-            *SNAKEMAKE, "data", "--profile", "profiles/slurm", *FAST_STATUS, "--jobs", "4",
+            *SNAKEMAKE, "data", TRAINED, "--profile", "profiles/slurm", *FAST_STATUS,
+            "--jobs", "4",
             "--configfile", "config/mini.yaml",
         ],
         cwd=cluster,
@@ -211,7 +216,7 @@ def test_mini_workflow_matches_local_run(slurm_cluster, mini_run: Path, tmp_path
     )  # fmt: skip
     # The session's local run of the whole mini workflow (a superset of the data targets).
     local = mini_run
-    print(f"mini workflow (data targets): Slurm {t_slurm:.0f} s")
+    print(f"mini workflow (data targets + DINO model): Slurm {t_slurm:.0f} s")
 
     # Every job went through sbatch: its provenance record carries a Slurm job id that
     # slurmctld knows (MinJobAge keeps it there), and exactly the GPU rules asked for a GPU
@@ -233,7 +238,13 @@ def test_mini_workflow_matches_local_run(slurm_cluster, mini_run: Path, tmp_path
             assert "gpu" not in tres, (path, fields)
             assert not record.get("cuda_visible_devices"), path
     per_dataset = ("download", "ingest", "filter_frontal", GPU_RULE)
-    assert rules == {**dict.fromkeys(per_dataset, 4), "shard": 1, "data_audit": 1}, rules
+    assert rules == {
+        **dict.fromkeys(per_dataset, 4),
+        "shard": 1,
+        "data_audit": 1,
+        "pretrain_dino": 1,
+    }, rules
+    assert "pretrain_dino" in gpu_rules, "the profile gives DINO pretraining its GPU"
     # One Slurm log per job, kept by the profile.
     logs = list((cluster / ".snakemake" / "slurm_logs").rglob("*.log"))
     assert len(logs) == len(records), logs
@@ -244,3 +255,9 @@ def test_mini_workflow_matches_local_run(slurm_cluster, mini_run: Path, tmp_path
     differ = sorted(k for k in local_hashes.keys() | slurm_hashes.keys()
                     if local_hashes.get(k) != slurm_hashes.get(k))  # fmt: skip
     assert not differ, f"{len(differ)} outputs differ between Slurm and local runs: {differ[:20]}"
+    # The model trained through sbatch (on the CPU: the fake GPU has no CUDA behind it) has the
+    # same weights as the local run's, bit for bit (CPU training is deterministic).
+    from cxrfoundry.io import sha256_file
+
+    for weights in ("backbone/model.safetensors", "heads.safetensors"):
+        assert sha256_file(cluster / TRAINED / weights) == sha256_file(local / TRAINED / weights)

@@ -269,3 +269,36 @@ def test_snakemake_params_and_reproduce(tmp_path: Path) -> None:
     assert not result["ok"] and result["comparisons"][0]["result"] == "differs"
     with pytest.raises(LookupError, match="no provenance record"):
         reproduce("results/upper/none.txt", wf)
+
+
+def test_compare_within_tolerance_numbers_tensors_and_timing(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from cxrfoundry.audit import compare_within_tolerance
+
+    def model(folder: Path, weight: torch.Tensor, metrics: dict) -> Path:
+        folder.mkdir()
+        save_file({"w": weight}, str(folder / "model.safetensors"))
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        torch.save({"step": 3, "rng": torch.get_rng_state()}, folder / "state.pt")
+        return folder
+
+    w = torch.linspace(0, 1, 16)
+    base = model(tmp_path / "a", w, {"loss": 0.5, "samples_per_s": 10.0, "wall_s": 3.0})
+    # Only timing differs, and the weights by less than the tolerance: equal.
+    same = model(
+        tmp_path / "b", w + 1e-7, {"loss": 0.5 + 1e-9, "samples_per_s": 99.0, "wall_s": 7.0}
+    )
+    ok, detail = compare_within_tolerance(base, same, rtol=1e-4, atol=1e-5)
+    assert ok, detail
+    # A weight beyond the tolerance, a result value, or a missing key: not equal.
+    far = model(tmp_path / "c", w + 1e-2, {"loss": 0.5, "samples_per_s": 10.0, "wall_s": 3.0})
+    assert compare_within_tolerance(base, far, 1e-4, 1e-5) == (
+        False,
+        "model.safetensors: values differ beyond rtol=0.0001, atol=1e-05",
+    )
+    loss = model(tmp_path / "d", w, {"loss": 0.6, "samples_per_s": 10.0, "wall_s": 3.0})
+    assert not compare_within_tolerance(base, loss, 1e-4, 1e-5)[0]
+    fewer = model(tmp_path / "e", w, {"samples_per_s": 10.0, "wall_s": 3.0})
+    assert not compare_within_tolerance(base, fewer, 1e-4, 1e-5)[0]
