@@ -18,9 +18,11 @@ include: "rules/ingest.smk"
 include: "rules/views.smk"
 include: "rules/reports.smk"
 include: "rules/shards.smk"
-include: "rules/dino.smk"  # before audit.smk, whose input calls dino_targets()
-include: "rules/audit.smk"
+include: "rules/dino.smk"
 include: "rules/clip.smk"
+include: "rules/generate.smk"  # ChexGen: models, synthetic cohorts, generation metrics
+include: "rules/benchmarks.smk"  # after the model stages: its table collects their metrics
+include: "rules/audit.smk"  # last: its input, pipeline_targets(), calls every stage's targets
 
 
 onstart:

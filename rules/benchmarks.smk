@@ -1,121 +1,11 @@
 # Downstream benchmarks (issue 7): linear probe / fine-tuning, segmentation, fairness audit,
 # synthetic-data utility, the benchmark table and the figures of the Snakemake HTML report.
-# Metrics JSONs: results/benchmarks/{model}/{task}.{corpus}.json (DESIGN.md section 3).
-# Config: the `benchmarks:` block (docs/benchmarks.md). GPUs: `gpu` defaults to a CPU run here;
-# the Slurm profile sets it (set-resources), like the training stages.
-BENCH = config.get("benchmarks", {})
-BENCH_MODELS = list(BENCH.get("models", []))
-BENCH_CORPORA = list(BENCH.get("datasets", []))
-BENCH_COHORTS = BENCH.get("cohorts", {}) or {}
-
-
-def bench_backbone_source(wildcards):
-    """What the benchmark loads: an HF folder, or a random-init backbone config (baseline)."""
-    model = wildcards.model
-    explicit = (BENCH.get("backbones") or {}).get(model)
-    if explicit is not None:
-        return explicit
-    if model.endswith("random"):
-        default = config.get("dino", {}).get("pretrain", {}).get("backbone", {})
-        return BENCH.get("random_backbone") or default
-    if model == "clip":
-        return f"results/models/clip/vision"
-    return f"results/models/{model}/backbone"
-
-
-def bench_model_input(wildcards):
-    """The model folder a benchmark job depends on (none for random-init or external ones)."""
-    model = wildcards.model
-    if model.endswith("random") or model in (BENCH.get("backbones") or {}):
-        return []
-    return f"results/models/{model}"
-
-
-def bench_model_dir(wildcards):
-    found = bench_model_input(wildcards)
-    return found or None
-
-
-def bench_cohort(role):
-    """results/cohorts/{name} of a synthetic cohort role (test, balance, augment), or None."""
-    name = BENCH_COHORTS.get(role)
-    return f"results/cohorts/{name}" if name else None
-
-
-def bench_cohort_inputs(*roles):
-    return {r: bench_cohort(r) for r in roles if bench_cohort(r)}
-
-
-def benchmark_metric_targets():
-    """Every metrics JSON this stage writes under the config."""
-    if not BENCH:
-        return []
-    out = []
-    for corpus in BENCH_CORPORA:
-        for model in BENCH_MODELS:
-            out += [
-                f"results/benchmarks/{model}/probe_{mode}.{corpus}.json"
-                for mode in BENCH.get("probe", {}).get("modes", ["linear"])
-            ]
-            out += [
-                f"results/benchmarks/{model}/seg_{head}.{corpus}.json"
-                for head in BENCH.get("segment", {}).get("heads", [])
-            ]
-        for model in BENCH.get("fairness", {}).get("models", []):
-            out.append(f"results/benchmarks/{model}/fairness.{corpus}.json")
-        if bench_cohort("augment"):
-            for model in BENCH.get("utility", {}).get("models", []):
-                out += [
-                    f"results/benchmarks/{model}/augment.{corpus}.json",
-                    f"results/benchmarks/{model}/synth_pretrain.{corpus}.json",
-                ]
-    return out
-
-
-def benchmark_plot_targets():
-    """Report figures: ROC curves, fairness bars, utility plots, sample grids."""
-    if not BENCH:
-        return []
-    out = []
-    for corpus in BENCH_CORPORA:
-        for model in BENCH_MODELS:
-            out += [
-                f"results/plots/{model}/roc_{mode}.{corpus}.png"
-                for mode in BENCH.get("probe", {}).get("modes", ["linear"])
-            ]
-        for model in BENCH.get("fairness", {}).get("models", []):
-            out.append(f"results/plots/{model}/fairness.{corpus}.png")
-        if bench_cohort("augment"):
-            for model in BENCH.get("utility", {}).get("models", []):
-                out.append(f"results/plots/{model}/utility.{corpus}.png")
-        out.append(f"results/plots/samples.{corpus}.png")
-    return out
-
-
-def benchmark_inputs(wildcards=None):
-    """Metrics JSONs for the table: this stage's plus the other stages' that are configured."""
-    files = list(benchmark_metric_targets())
-    for name in ("dino_targets", "clip_targets"):
-        fn = globals().get(name)
-        if fn is not None:
-            files += [f for f in fn() if f.startswith("results/benchmarks/") and f.endswith(".json")]
-    return sorted(set(files))
-
-
-def benchmark_targets():
-    """The benchmark stage's outputs (empty without a `benchmarks:` config block)."""
-    if not BENCH:
-        return []
-    return benchmark_plot_targets() + [
-        "results/benchmarks/summary.csv",
-        "results/benchmarks/summary.md",
-        "results/plots/summary.png",
-    ]
-
-
-wildcard_constraints:
-    mode="linear|finetune",
-    head="linear|unet",
+# Metrics JSONs: results/benchmarks/{model}/{task}.{corpus}.json (DESIGN.md section 3). Config:
+# the `benchmarks:` block (docs/benchmarks.md). Included last: benchmark_inputs() collects the
+# metrics JSONs of the stages included before (dino_targets(), clip_targets(), ...).
+# GPUs: `gpu` defaults to a CPU run here; the Slurm profile sets it (set-resources). Threads:
+# one torch thread per job (tiny CPU models), so two jobs share two cores.
+include: "benchmarks_common.smk"
 
 
 rule probe:
@@ -125,28 +15,9 @@ rule probe:
     output:
         metrics="results/benchmarks/{model}/probe_{mode}.{corpus}.json",
         predictions="results/benchmarks/{model}/predictions/probe_{mode}.{corpus}.parquet",
-    log:
-        "logs/probe/{model}.{mode}.{corpus}.log",
-    benchmark:
-        "benchmarks/probe/{model}.{mode}.{corpus}.tsv"
-    threads: 2
-    resources:
-        gpu=0,
-    params:
-        backbone=bench_backbone_source,
-        model_dir=bench_model_dir,
-        settings=lambda wc: {**BENCH.get("probe", {}).get("settings", {}), "mode": wc.mode},
-        seed=config["seed"],
-        code=code("cxrfoundry.eval.probe"),
-    script:
-        "../workflow/scripts/probe.py"
-
-
-rule roc_plot:
-    input:
-        predictions="results/benchmarks/{model}/predictions/probe_{mode}.{corpus}.parquet",
-    output:
-        report(
+        # Figures come from the job that computed them: a separate plot job would cost more
+        # in start-up (torch, MLflow) than the plot itself.
+        roc=report(
             "results/plots/{model}/roc_{mode}.{corpus}.png",
             caption="../report/roc.rst",
             category="Classification",
@@ -154,11 +25,25 @@ rule roc_plot:
             labels={"model": "{model}", "probe": "{mode}", "figure": "ROC curves"},
         ),
     log:
-        "logs/roc_plot/{model}.{mode}.{corpus}.log",
+        "logs/probe/{model}.{mode}.{corpus}.log",
+    benchmark:
+        "benchmarks/probe/{model}.{mode}.{corpus}.tsv"
+    wildcard_constraints:
+        model="[A-Za-z0-9_-]+",
+        mode="linear|finetune",
+    conda:
+        "../envs/cxrfoundry.yaml"
+    threads: 1
+    resources:
+        gpu=0,
     params:
-        code=code("cxrfoundry.eval.plots"),
+        backbone=bench_backbone_source,
+        model_dir=bench_model_dir,
+        settings=bench_probe_settings,
+        seed=config["seed"],
+        code=code("cxrfoundry.eval.probe", "cxrfoundry.eval.plots"),
     script:
-        "../workflow/scripts/bench_plots.py"
+        "../workflow/scripts/probe.py"
 
 
 rule segment:
@@ -171,13 +56,18 @@ rule segment:
         "logs/segment/{model}.{head}.{corpus}.log",
     benchmark:
         "benchmarks/segment/{model}.{head}.{corpus}.tsv"
-    threads: 2
+    wildcard_constraints:
+        model="[A-Za-z0-9_-]+",
+        head="linear|unet",
+    conda:
+        "../envs/cxrfoundry.yaml"
+    threads: 1
     resources:
         gpu=0,
     params:
         backbone=bench_backbone_source,
         model_dir=bench_model_dir,
-        settings=lambda wc: {**BENCH.get("segment", {}).get("settings", {}), "head": wc.head},
+        settings=bench_segment_settings,
         seed=config["seed"],
         code=code("cxrfoundry.eval.probe"),
     script:
@@ -186,32 +76,12 @@ rule segment:
 
 rule fairness:
     input:
-        unpack(lambda wc: bench_cohort_inputs("test", "balance")),
+        unpack(bench_fairness_cohorts),
         model=bench_model_input,
         shards="results/shards/{corpus}",
     output:
         metrics="results/benchmarks/{model}/fairness.{corpus}.json",
-    log:
-        "logs/fairness/{model}.{corpus}.log",
-    benchmark:
-        "benchmarks/fairness/{model}.{corpus}.tsv"
-    threads: 2
-    resources:
-        gpu=0,
-    params:
-        backbone=bench_backbone_source,
-        settings=BENCH.get("fairness", {}).get("settings", {}),
-        seed=config["seed"],
-        code=code("cxrfoundry.eval.fairness"),
-    script:
-        "../workflow/scripts/fairness.py"
-
-
-rule fairness_plot:
-    input:
-        metrics="results/benchmarks/{model}/fairness.{corpus}.json",
-    output:
-        report(
+        bars=report(
             "results/plots/{model}/fairness.{corpus}.png",
             caption="../report/fairness.rst",
             category="Fairness",
@@ -219,30 +89,48 @@ rule fairness_plot:
             labels={"model": "{model}", "figure": "subgroup bars"},
         ),
     log:
-        "logs/fairness_plot/{model}.{corpus}.log",
+        "logs/fairness/{model}.{corpus}.log",
+    benchmark:
+        "benchmarks/fairness/{model}.{corpus}.tsv"
+    wildcard_constraints:
+        model="[A-Za-z0-9_-]+",
+    conda:
+        "../envs/cxrfoundry.yaml"
+    threads: 1
+    resources:
+        gpu=0,
     params:
-        code=code("cxrfoundry.eval.plots"),
+        backbone=bench_backbone_source,
+        model_dir=bench_model_dir,
+        settings=BENCH["fairness"]["settings"],
+        seed=config["seed"],
+        code=code("cxrfoundry.eval.fairness", "cxrfoundry.eval.plots"),
     script:
-        "../workflow/scripts/bench_plots.py"
+        "../workflow/scripts/fairness.py"
 
 
 rule augment:
     input:
         model=bench_model_input,
         shards="results/shards/{corpus}",
-        synthetic=bench_cohort("augment") or "results/cohorts/NO_AUGMENT_COHORT",
+        synthetic=bench_augment_cohort,
     output:
         metrics="results/benchmarks/{model}/augment.{corpus}.json",
     log:
         "logs/augment/{model}.{corpus}.log",
     benchmark:
         "benchmarks/augment/{model}.{corpus}.tsv"
-    threads: 2
+    wildcard_constraints:
+        model="[A-Za-z0-9_-]+",
+    conda:
+        "../envs/cxrfoundry.yaml"
+    threads: 1
     resources:
         gpu=0,
     params:
         backbone=bench_backbone_source,
-        settings=BENCH.get("utility", {}).get("settings", {}),
+        model_dir=bench_model_dir,
+        settings=BENCH["utility"]["settings"],
         seed=config["seed"],
         code=code("cxrfoundry.eval.utility"),
     script:
@@ -253,19 +141,24 @@ rule synth_pretrain:
     input:
         model=bench_model_input,
         shards="results/shards/{corpus}",
-        synthetic=bench_cohort("augment") or "results/cohorts/NO_AUGMENT_COHORT",
+        synthetic=bench_augment_cohort,
     output:
         metrics="results/benchmarks/{model}/synth_pretrain.{corpus}.json",
     log:
         "logs/synth_pretrain/{model}.{corpus}.log",
     benchmark:
         "benchmarks/synth_pretrain/{model}.{corpus}.tsv"
-    threads: 2
+    wildcard_constraints:
+        model="[A-Za-z0-9_-]+",
+    conda:
+        "../envs/cxrfoundry.yaml"
+    threads: 1
     resources:
         gpu=0,
     params:
         backbone=bench_backbone_source,
-        settings=BENCH.get("utility", {}).get("settings", {}),
+        model_dir=bench_model_dir,
+        settings=BENCH["utility"]["settings"],
         seed=config["seed"],
         code=code("cxrfoundry.eval.utility"),
     script:
@@ -286,6 +179,10 @@ rule utility_plot:
         ),
     log:
         "logs/utility_plot/{model}.{corpus}.log",
+    wildcard_constraints:
+        model="[A-Za-z0-9_-]+",
+    conda:
+        "../envs/cxrfoundry.yaml"
     params:
         code=code("cxrfoundry.eval.plots"),
     script:
@@ -294,7 +191,7 @@ rule utility_plot:
 
 rule sample_grid:
     input:
-        unpack(lambda wc: bench_cohort_inputs("test")),
+        unpack(bench_sample_cohorts),
         shards="results/shards/{corpus}",
     output:
         report(
@@ -306,8 +203,52 @@ rule sample_grid:
         ),
     log:
         "logs/sample_grid/{corpus}.log",
+    conda:
+        "../envs/cxrfoundry.yaml"
     params:
         code=code("cxrfoundry.eval.plots"),
+    script:
+        "../workflow/scripts/bench_plots.py"
+
+
+rule curation_plot:
+    input:
+        model="results/models/clip",
+    output:
+        report(
+            "results/plots/clip/curation.png",
+            caption="../report/curation.rst",
+            category="Data",
+            subcategory="CLIP curation",
+            labels={"figure": "curation statistics"},
+        ),
+    log:
+        "logs/curation_plot/clip.log",
+    conda:
+        "../envs/cxrfoundry.yaml"
+    params:
+        code=code("cxrfoundry.eval.plots"),
+    script:
+        "../workflow/scripts/bench_plots.py"
+
+
+rule ablation_plot:
+    input:
+        metrics=benchmark_inputs,
+        dino=ablation_inputs,
+    output:
+        report(
+            "results/plots/ablation.png",
+            caption="../report/ablation.rst",
+            category="Summary",
+            labels={"table": "ablations"},
+        ),
+    log:
+        "logs/ablation_plot/all.log",
+    conda:
+        "../envs/cxrfoundry.yaml"
+    params:
+        code=code("cxrfoundry.eval.plots", "cxrfoundry.eval.table"),
     script:
         "../workflow/scripts/bench_plots.py"
 
@@ -315,6 +256,7 @@ rule sample_grid:
 rule benchmark_table:
     input:
         metrics=benchmark_inputs,
+        predictions=benchmark_predictions,
     output:
         csv=report(
             "results/benchmarks/summary.csv",
@@ -331,8 +273,12 @@ rule benchmark_table:
         ),
     log:
         "logs/benchmark_table/all.log",
+    conda:
+        "../envs/cxrfoundry.yaml"
     params:
         models_dir="results/models",
+        n_boot=benchmark_table_boot(),
+        seed=config["seed"],
         code=code("cxrfoundry.eval.table", "cxrfoundry.eval.plots"),
     script:
         "../workflow/scripts/benchmark_table.py"

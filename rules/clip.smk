@@ -41,6 +41,7 @@ rule zeroshot:
     resources:
         gpu=0,
     params:
+        model_dir=evaluated_model,  # MLflow: a child run of pretrain_clip's run
         settings=config["clip"]["eval"],
         seed=config["seed"],
         code=code("cxrfoundry.eval.zeroshot"),
@@ -63,6 +64,7 @@ rule retrieval:
     resources:
         gpu=0,
     params:
+        model_dir=evaluated_model,  # MLflow: a child run of pretrain_clip's run
         settings=config["clip"]["eval"],
         seed=config["seed"],
         code=code("cxrfoundry.eval.retrieval"),

@@ -135,9 +135,20 @@ def clip_targets():
     ]
 
 
+def evaluated_model(wildcards, input):
+    """params.model_dir of an evaluation rule: its `model` input (the MLflow parent run's model)."""
+    return input.model
+
+
 def pipeline_targets():
     """Every output of every stage that exists (what the audit verifies)."""
-    return data_targets() + clip_targets() + dino_targets()
+    return (
+        data_targets()
+        + clip_targets()
+        + dino_targets()
+        + chexgen_targets()
+        + benchmark_targets()
+    )
 
 
 def all_targets():

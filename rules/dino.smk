@@ -55,6 +55,7 @@ rule finetune_cls:
         gpu=0,
     params:
         backbone=dino_backbone_source,
+        model_dir=dino_model_dir,
         settings=DINO.get("finetune", {}).get("cls", {}),
         dataset=DINO.get("corpus", "demo"),
         seed=config["seed"],
@@ -82,6 +83,7 @@ rule finetune_seg:
         gpu=0,
     params:
         backbone=dino_backbone_source,
+        model_dir=dino_model_dir,
         settings=DINO.get("finetune", {}).get("seg", {}),
         dataset=DINO.get("corpus", "demo"),
         seed=config["seed"],

@@ -45,6 +45,11 @@ def dino_backbone_input(wildcards):
     return f"results/models/{wildcards.model}"
 
 
+def dino_model_dir(wildcards):
+    """The evaluated model's folder: its pretraining run is the MLflow parent (None: random)."""
+    return dino_backbone_input(wildcards) or None
+
+
 def dino_backbone_source(wildcards):
     """What finetune loads: an HF folder, or the random-init config of the baseline."""
     if wildcards.model == "dino_random":

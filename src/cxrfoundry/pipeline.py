@@ -10,10 +10,17 @@ Every script in ``workflow/scripts/`` runs its one library call inside :class:`S
 the rule, wildcards, git commit and config hash, and on success writes the job's provenance
 record (DESIGN.md section 3) to ``results/provenance/{rule}/{key}.json``. On failure it marks the
 run FAILED and writes no record, so nothing looks finished.
+
+Evaluation rules name the model they evaluate with a ``model_dir`` param (e.g.
+``results/models/dino``): their run then goes to the MLflow experiment of the run that produced
+that model (found through the model's provenance record) as a child of it
+(``mlflow.parentRunId``), tagged ``model_run_id``. Without a producing run (random-init
+baselines, external backbones) it goes to the workflow's experiment.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -93,6 +100,22 @@ def file_digest(path: str) -> str | None:
     return None
 
 
+def producing_run(output: str | os.PathLike[str] | None) -> str | None:
+    """MLflow run id of the job whose provenance record lists ``output`` (None if none)."""
+    if not output or not PROVENANCE_DIR.is_dir():
+        return None
+    target = os.path.normpath(str(output))
+    for path in sorted(PROVENANCE_DIR.glob("*/*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        outputs = record.get("outputs") or {}
+        if any(os.path.normpath(o) == target for o in outputs):
+            return record.get("mlflow_run_id")
+    return None
+
+
 def job_key(wildcards: Mapping[str, str]) -> str:
     """File-name-safe key of a job: wildcard values joined by ``__``, or ``all``."""
     values = [str(v).replace("/", "_") for v in wildcards.values()]
@@ -154,8 +177,14 @@ class Step:
         if job := os.environ.get("SLURM_JOB_ID"):
             tags["slurm_job_id"] = job
         run_name = f"{self.rule}:{job_key(self.wildcards)}"
+        parent = producing_run(self.params.get("model_dir")) if self.track else None
         self.run = tracking.Run(
-            mlflow_cfg, experiment=experiment, run_name=run_name, tags=tags, enabled=self.track
+            mlflow_cfg,
+            experiment=experiment,
+            run_name=run_name,
+            tags=tags,
+            enabled=self.track,
+            parent_run_id=parent,
         )
         self.run.log_params(tracking.flatten(provenance.redact(self._loggable_params())))
         return self

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEFAULT_DB = "results/mlflow.db"
+#: Characters MLflow does not allow in metric names.
+_METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. :/]")
 DEFAULT_ARTIFACTS = "results/mlartifacts"
 
 
@@ -77,7 +80,10 @@ class Run:
         run_name: str,
         tags: Mapping[str, str],
         enabled: bool = True,
+        parent_run_id: str | None = None,
     ) -> None:
+        """``parent_run_id`` (the run that produced the model this job evaluates): the run is
+        created in that run's experiment, as its child; ``experiment`` is the fallback."""
         self.enabled = enabled
         self.run_id: str | None = None
         self._client = None
@@ -87,8 +93,20 @@ class Run:
 
         mlflow.set_tracking_uri(tracking_uri(cfg))
         self._client = mlflow.MlflowClient()
-        experiment_id = _retry(init_store, cfg, experiment)
-        run = _retry(self._client.create_run, experiment_id, run_name=run_name, tags=dict(tags))
+        tags = dict(tags)
+        experiment_id = None
+        if parent_run_id:
+            tags["model_run_id"] = parent_run_id
+            try:
+                parent = _retry(self._client.get_run, parent_run_id)
+            except Exception as exc:  # a run of another tracking store: fall back, say so
+                log.warning("producing run %s not in this store (%s)", parent_run_id, exc)
+            else:
+                experiment_id = parent.info.experiment_id
+                tags["mlflow.parentRunId"] = parent_run_id
+        if experiment_id is None:
+            experiment_id = _retry(init_store, cfg, experiment)
+        run = _retry(self._client.create_run, experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -105,7 +123,9 @@ class Run:
         for key, value in metrics.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
                 continue
-            _retry(self._client.log_metric, self.run_id, key, float(value), step=step or 0)
+            # MLflow rejects some characters in names (e.g. "+" in "real+1x"): map them to "_".
+            name = _METRIC_NAME.sub("_", str(key))
+            _retry(self._client.log_metric, self.run_id, name, float(value), step=step or 0)
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Copy a file into the run's artifacts."""

@@ -1,13 +1,14 @@
-"""The Snakemake HTML report carries the benchmark figures: render it, open it in Chromium.
+"""The Snakemake HTML report of the real workflow carries the benchmark figures: render it, open
+it in Chromium.
 
-A tiny workflow (written to a temp folder) computes real figures with
-:mod:`cxrfoundry.eval.plots` from seeded data — ROC curves from a predictions table, subgroup
-bars from a fairness audit, the summary table — declares them as ``report(...)`` outputs with
-the project's captions (``report/*.rst``) and categories, runs, then builds
-``snakemake --report report.html``. Headless Chromium (Debian ``chromium``; installed through
-apt when missing and the test runs as root, else the test skips) loads the report; the test
-checks the rendered DOM names every figure and category, that the report embeds the PNGs, and
-that the screenshot is a real page (not blank).
+``snakemake --report`` builds the report of a copy of the mini run (config/mini.yaml: DINO,
+CLIP and the benchmarks stage, every figure computed from that run's data). Headless Chromium
+(Debian ``chromium``; installed through apt when missing and the test runs as root, else the test
+skips) loads it; the test checks that the rendered menu names every result category, that each
+figure is listed under its category and, once opened, shown as an embedded PNG of the file's
+size, that the report embeds the PNG bytes, and that a screenshot of the ROC figure is a real
+page with the curves on it. :func:`check_report` is reused by the benchmarks workflow test for
+the synthetic-data figures.
 """
 
 from __future__ import annotations
@@ -18,97 +19,17 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from html import unescape as html_unescape
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import copy_run, snakemake
+
 pytestmark = pytest.mark.integration
-
-SNAKEFILE = r"""
-import numpy as np
-import pyarrow as pa
-
-from cxrfoundry import io as cio
-from cxrfoundry.eval import fairness, plots
-
-
-rule all:
-    input:
-        "plots/roc.png",
-        "plots/fairness.png",
-        "plots/summary.png",
-
-
-rule predictions:
-    output:
-        "results/pred.parquet",
-    run:
-        rng = np.random.default_rng(0)
-        y = rng.random((120, 2)) < 0.4
-        s = y + rng.normal(0, 0.8, y.shape)
-        cols = {"image_id": [f"i{i}" for i in range(120)]}
-        for j, c in enumerate(["cardiomegaly", "pleural_effusion"]):
-            cols[f"label.{c}"] = y[:, j].astype(np.int8)
-            cols[f"valid.{c}"] = np.ones(120, bool)
-            cols[f"score.{c}"] = s[:, j]
-        cio.write_parquet(output[0], pa.table(cols))
-
-
-rule roc:
-    input:
-        "results/pred.parquet",
-    output:
-        report(
-            "plots/roc.png",
-            caption="@REPO@/report/summary.rst",
-            category="Classification",
-            labels={"model": "demo", "figure": "ROC curves"},
-        ),
-    run:
-        plots.roc_curves(input[0], output[0], title="demo")
-
-
-rule fairness_bars:
-    output:
-        report(
-            "plots/fairness.png",
-            caption="@REPO@/report/summary.rst",
-            category="Fairness",
-            labels={"model": "demo", "figure": "subgroup bars"},
-        ),
-    run:
-        rng = np.random.default_rng(1)
-        n = 300
-        sex = np.where(rng.random(n) < 0.5, "F", "M").astype(object)
-        y = rng.random((n, 2)) < 0.4
-        s = y + rng.normal(0, 1, y.shape) * np.where(sex == "F", 1.5, 0.5)[:, None]
-        audit = fairness.subgroup_audit(s, y, np.arange(n), {"sex": sex}, n_boot=200)
-        plots.fairness_bars(
-            {"model": "demo", "dataset": "toy", "metric": "auroc_gap_sex",
-              "subgroups": audit.rows},
-            output[0],
-        )
-
-
-rule summary:
-    output:
-        report(
-            "plots/summary.png",
-            caption="@REPO@/report/summary.rst",
-            category="Summary",
-            labels={"figure": "benchmark table"},
-        ),
-    run:
-        rows = [{"model": "demo", "task": "probe_linear", "dataset": "toy",
-                  "metric": "auroc_macro", "value": 0.8, "ci_low": 0.7, "ci_high": 0.9,
-                  "n": 120}]
-        plots.table_figure(rows, output[0], title="summary")
-"""
 
 CHROMIUM_FLAGS = (
     "--headless",
@@ -142,41 +63,38 @@ def chromium() -> str:
     return found
 
 
-def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "1", "--directory", str(workdir), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
 def _browser(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
-#: Injected into a copy of the report: opens the category named by the URL hash, clicks the
-#: first result's "eye" (preview) button, then records what the page shows in <pre id=check>.
+#: Injected into a copy of the report: opens the category (and subcategory) named by the URL
+#: hash, finds the result row carrying the label, clicks its "eye" (preview) button, then records
+#: what the page shows in <pre id=check>.
 VIEWER_JS = """
 <script>
 (function () {
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const click = async (text) => {
+    const link = [...document.querySelectorAll("nav a")].find(
+      (a) => a.textContent.trim() === text);
+    if (link) { link.click(); await sleep(800); }
+    return !!link;
+  };
   async function run() {
     await sleep(1500);
-    const category = decodeURIComponent(location.hash.slice(1));
-    const link = [...document.querySelectorAll("nav a")].find(
-      (a) => a.textContent.trim() === category);
-    const found = { menu: !!link, eye: false, images: [] };
-    if (link) {
-      link.click();
-      await sleep(800);
-      found.rows = [...document.querySelectorAll("nav tbody tr")].map((r) => r.textContent);
-      const eye = document.querySelector('a[iconname="eye"]');
-      found.eye = !!eye;
-      if (eye) { eye.click(); await sleep(1500); }
-      found.images = [...document.querySelectorAll("#app img")]
-        .filter((i) => i.src.startsWith("data:image/png"))
-        .map((i) => [i.naturalWidth, i.naturalHeight]);
-    }
+    const want = JSON.parse(decodeURIComponent(location.hash.slice(1)));
+    const found = { menu: await click(want.category), eye: false, images: [] };
+    if (want.subcategory) { found.subcategory = await click(want.subcategory); }
+    const rows = [...document.querySelectorAll("nav tbody tr")];
+    found.rows = rows.map((r) => r.textContent);
+    const row = rows.find((r) => r.textContent.includes(want.label));
+    const eye = row && row.querySelector('a[iconname="eye"]');
+    found.eye = !!eye;
+    if (eye) { eye.click(); await sleep(1500); }
+    found.images = [...document.querySelectorAll("#app img")]
+      .filter((i) => i.src.startsWith("data:image/png"))
+      .map((i) => [i.naturalWidth, i.naturalHeight]);
     const out = document.createElement("pre");
     out.id = "check";
     out.textContent = JSON.stringify(found);
@@ -197,54 +115,68 @@ def _viewer(report: Path) -> Path:
     return viewer
 
 
-FIGURES = {  # category -> (figure label, PNG under plots/)
-    "Classification": ("ROC curves", "roc.png"),
-    "Fairness": ("subgroup bars", "fairness.png"),
-    "Summary": ("benchmark table", "summary.png"),
-}
+#: (category, subcategory or None, figure label, PNG under results/plots/) of the mini run.
+FIGURES = (
+    ("Classification", None, "ROC curves", "dino/roc_linear.demo.png"),
+    ("Fairness", None, "subgroup bars", "dino/fairness.demo.png"),
+    ("Data", "demo", "real vs synthetic samples", "samples.demo.png"),
+    ("Data", "CLIP curation", "curation statistics", "clip/curation.png"),
+    ("Summary", None, "all benchmarks", "summary.png"),
+    ("Summary", None, "ablations", "ablation.png"),
+)
 
 
-def test_report_html_shows_the_plots(tmp_path) -> None:
+def check_report(
+    workdir: Path,
+    figures: tuple[tuple[str, str | None, str, str], ...],
+    tmp_path: Path,
+    config: str = "config/mini.yaml",
+) -> Path:
+    """Build ``workdir``'s report; assert Chromium shows each figure under its category."""
     binary = chromium()
-    work = tmp_path / "wf"
-    work.mkdir()
-    (work / "Snakefile").write_text(SNAKEFILE.replace("@REPO@", str(REPO)))
-    _snakemake(work, "--snakefile", str(work / "Snakefile"))
-    report = work / "report.html"
-    _snakemake(work, "--snakefile", str(work / "Snakefile"), "--report", str(report))
+    report = workdir / "report.html"
+    snakemake(workdir, "--report", str(report), config=config)
     html = report.read_text(encoding="utf-8", errors="replace")
-    for _, name in FIGURES.values():
-        png = (work / "plots" / name).read_bytes()
+    for *_, name in figures:
+        png = (workdir / "results/plots" / name).read_bytes()
         assert len(png) > 2000
         assert base64.b64encode(png[:300]).decode()[:200] in html, f"{name} is not embedded"
 
-    # The landing page renders the result categories in its menu.
+    # The landing page renders every result category in its menu.
     dom = _browser(binary, tmp_path / "p0", "--virtual-time-budget=10000", "--dump-dom",
                    report.as_uri())  # fmt: skip
     assert dom.returncode == 0, dom.stderr[-2000:]
     app = dom.stdout[dom.stdout.find('<div id="app">') :]
-    for category in FIGURES:
+    for category in {f[0] for f in figures}:
         assert f"<span>{category}</span>" in app, f"category {category!r} not rendered"
 
-    # Each category lists its figure and shows it as an embedded PNG of the right size.
+    # Each figure is listed under its category and opens as an embedded PNG of its size.
     viewer = _viewer(report)
-    for k, (category, (label, name)) in enumerate(FIGURES.items()):
-        url = f"{viewer.as_uri()}#{category}"
+    for k, (category, subcategory, label, name) in enumerate(figures):
+        want = {"category": category, "subcategory": subcategory, "label": label}
+        url = f"{viewer.as_uri()}#{quote(json.dumps(want))}"
         dom = _browser(binary, tmp_path / f"p{k + 1}", "--virtual-time-budget=15000",
                        "--dump-dom", url)  # fmt: skip
         match = re.search(r'<pre id="check">([^<]*)</pre>', dom.stdout)
         assert match, f"{category}: the check script did not run ({dom.stderr[-1000:]})"
         found = json.loads(html_unescape(match.group(1)))
-        assert found["menu"] and found["eye"], found
-        assert any(label in row for row in found["rows"]), found
-        width, height = Image.open(work / "plots" / name).size
-        assert [width, height] in found["images"], (category, found)
+        assert found["menu"] and found["eye"], (want, found)
+        width, height = Image.open(workdir / "results/plots" / name).size
+        assert [width, height] in found["images"], (want, found)
+    return viewer
+
+
+def test_report_html_shows_the_plots(mini_run, tmp_path) -> None:
+    work = copy_run(mini_run, tmp_path / "run")
+    viewer = check_report(work, FIGURES, tmp_path)
 
     # A screenshot of the ROC figure in the report: a real page, not a blank one.
+    binary = chromium()
     shot = tmp_path / "shot.png"
+    want = quote(json.dumps({"category": "Classification", "label": "ROC curves"}))
     proc = _browser(binary, tmp_path / "p9", "--virtual-time-budget=15000",
                     "--window-size=1280,900", f"--screenshot={shot}",
-                    f"{viewer.as_uri()}#Classification")  # fmt: skip
+                    f"{viewer.as_uri()}#{want}")  # fmt: skip
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     image = Image.open(shot).convert("RGB")
     assert image.size == (1280, 900)

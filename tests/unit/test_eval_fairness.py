@@ -130,8 +130,38 @@ def test_run_fairness_end_to_end(tmp_path) -> None:
     assert M.read_metrics(out) == json.loads(out.read_text())
     assert rec["task"] == "fairness" and rec["metric"] == "auroc_gap_sex"
     assert rec["value"] == pytest.approx(rec["gaps"]["sex"]["gap"])
-    assert ("sex=F" in rec["per_class"] and "sex&age=M&66+" in rec["per_class"]) or True
+    assert {"sex=F", "sex=M"} <= set(rec["per_class"])
+    assert any(k.startswith("sex&age=") for k in rec["per_class"])
     assert rec["correlation"]["n_groups"] >= 4
     mit = rec["mitigation"]["sex"]
-    assert mit["added"]["F"]["taken"] > 0 and mit["n_train_after"] > 48
+    assert mit["added"]["F"]["taken"] > 0
+    assert mit["n_train_after"] == rec["details"]["n_train"] + mit["added"]["F"]["taken"]
     assert {"gap_before", "gap_after", "worst_before", "worst_after"} <= set(mit)
+    low, high = mit["gap_change_ci"]
+    assert low <= mit["gap_before"] - mit["gap_after"] <= high
+
+
+def test_gap_change_ci_pairs_the_replicates() -> None:
+    rng = np.random.default_rng(5)
+    n = 400
+    sex = np.where(rng.random(n) < 0.5, "F", "M").astype(object)
+    y = rng.random((n, 2)) < 0.4
+    noise = rng.normal(0, 1, y.shape)
+    before = y + noise * np.where(sex == "F", 2.0, 0.5)[:, None]  # women far noisier
+    after = y + noise * np.where(sex == "F", 0.7, 0.5)[:, None]  # the gap mostly closed
+    kw = {"min_patients": 5, "n_boot": 300, "seed": 1}
+    a = FA.subgroup_audit(before, y, np.arange(n), {"sex": sex}, **kw)
+    b = FA.subgroup_audit(after, y, np.arange(n), {"sex": sex}, **kw)
+    low, high = FA.gap_change_ci(a, b, "sex")
+    assert 0 < low <= a.gaps["sex"]["gap"] - b.gaps["sex"]["gap"] <= high
+    assert FA.gap_change_ci(a, b, "age") == [None, None]
+
+
+def test_race_vocabularies_map_to_one_group() -> None:
+    values = ["WHITE", "White", "BLACK/AFRICAN AMERICAN", "Black", "HISPANIC/LATINO", "Asian",
+              "UNKNOWN", None, "PATIENT DECLINED", "Martian"]  # fmt: skip
+    assert [FA.normalize_race(v) for v in values] == [
+        "White", "White", "Black", "Black", "Hispanic", "Asian", "", "", "", "Martian"
+    ]  # fmt: skip
+    groups = FA.subgroup_labels({"sex": ["F"] * 3, "age": [30, 50, 70], "race": values[:3]})
+    assert list(groups["race"]) == ["White", "White", "Black"]

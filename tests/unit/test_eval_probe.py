@@ -138,3 +138,55 @@ def test_augmentation_and_pretraining(shards, tmp_path) -> None:
     assert pre["n_synthetic_pretrain"] == 48
     assert set(pre["differences"]) == {"0.25", "1"}
     M.read_metrics(tmp_path / "pretrain.json")
+
+
+def test_cached_features_give_the_same_classifier(shards) -> None:
+    """A linear probe on features cached on the cohort equals one that embeds every time."""
+    real, _ = shards
+    cfg = {"epochs": 3, "batch_size": 16, "findings": FINDINGS, "mode": "linear"}
+    pcfg = probe.resolve_config(cfg)
+    train = probe.load_cohort(real, "train", pcfg)
+    test = probe.load_cohort(real, "test", pcfg)
+    plain = probe.Classifier(TINY_BACKBONE, cfg, seed=3)
+    plain.fit(train)
+    expected = plain.predict(test)
+    cached = probe.Classifier(TINY_BACKBONE, cfg, seed=3)
+    assert cached.key == plain.key  # same random init, same fingerprint
+    cached.with_features(train)
+    cached.with_features(test)
+    half = train.subset(np.arange(0, len(train), 2))
+    both = probe.concat_cohorts([train, half])
+    assert half.features[cached.key].shape[0] == len(half)
+    assert torch.equal(both.features[cached.key][len(train) :], half.features[cached.key])
+    cached.fit(train)
+    assert np.allclose(cached.predict(test), expected, atol=1e-6)
+    # Another random init has another fingerprint: its fits never see these features.
+    other = probe.Classifier(TINY_BACKBONE, cfg, seed=4)
+    assert other.key != cached.key and other._cached(test) is None
+    assert probe.Classifier(TINY_BACKBONE, cfg, seed=4, backbone_seed=3).key == cached.key
+    with pytest.raises(ValueError, match="frozen backbone"):
+        probe.Classifier(TINY_BACKBONE, {**cfg, "mode": "finetune"}).with_features(test)
+
+
+def test_dino_stage_records_share_the_benchmark_implementation(shards, tmp_path) -> None:
+    """finetune_cls / finetune_seg (DINO stage) = classification/segmentation_benchmark."""
+    from cxrfoundry.train import finetune
+
+    real, _ = shards
+    cfg = {"epochs": 3, "batch_size": 16, "head_lr": 1e-2, "backbone_lr": 0.0, "bootstrap": 60,
+           "findings": FINDINGS}  # fmt: skip
+    cls = finetune.finetune_classification(real, TINY_BACKBONE, tmp_path / "cls.json", cfg,
+                                           seed=0, model_name="rand")  # fmt: skip
+    run = probe.classification_benchmark(real, TINY_BACKBONE, {**cfg, "mode": "linear"}, seed=0)
+    assert cls["value"] == pytest.approx(run.result.macro_auroc.value)
+    assert cls["per_class"]["Cardiomegaly"] == pytest.approx(run.result.auroc["Cardiomegaly"].value)
+    assert cls["n_patients"] == 24 and cls["details"]["mode"] == "linear"
+    assert len(cls["details"]["bootstrap_replicates"]) == 60
+    seg = finetune.finetune_segmentation(
+        real, TINY_BACKBONE, tmp_path / "seg.json",
+        {"epochs": 2, "batch_size": 16, "backbone_lr": 0.0, "bootstrap": 30}, seed=0,
+        model_name="rand",
+    )  # fmt: skip
+    assert seg["task"] == "seg" and set(seg["per_class"]) == {"lungs", "heart"}
+    assert seg["ci_low"] <= seg["value"] <= seg["ci_high"]
+    assert len(seg["details"]["bootstrap_replicates"]) == 30

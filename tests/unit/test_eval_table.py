@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from cxrfoundry import io as cio
@@ -131,3 +132,96 @@ def test_plots_from_results(tmp_path) -> None:
              "ci_low": 0.4, "ci_high": 0.6, "n": 3}]  # fmt: skip
     plots.table_figure(rows, tmp_path / "table.png", title="summary")
     _png_ok(tmp_path / "table.png")
+
+
+def test_curation_sample_grid_and_ablation_figures(tmp_path) -> None:
+    from tests.unit.eval_shards import make_shards
+
+    rng = np.random.default_rng(2)
+    n = 60
+    categories = ["central_kept", "support", "central_dropped", "outlier"]
+    subset = pa.table(
+        {
+            "image_id": [f"{'ab'[i % 2]}_demo/{i}" for i in range(n)],
+            "index": np.arange(n),
+            "category": [categories[i % 4] for i in range(n)],
+            "cluster": (np.arange(n) % 3).astype(np.int16),
+            "distance": rng.random(n).astype(np.float32),
+            "weight": np.ones(n, np.float32),
+            "kept": np.array([i % 4 < 2 for i in range(n)]),
+        }
+    )
+    model = tmp_path / "clip"
+    cio.write_parquet(model / "subset.parquet", subset)
+    cio.write_json(model / "metrics.json", {"samples_seen": 1234})
+    plots.curation_plot(model, tmp_path / "curation.png")
+    _png_ok(tmp_path / "curation.png")
+    with pytest.raises(FileNotFoundError, match="no curated subset"):
+        plots.curation_plot(tmp_path, tmp_path / "x.png")
+
+    real = make_shards(tmp_path / "real", {"test": 6}, size=32)
+    # A "cohort" whose rows name real test images as their sources: the grid pairs them.
+    table = pa.concat_tables([pq.read_table(p) for p in sorted(real.glob("test-*.parquet"))])
+    sources = table.column("image_id").to_pylist()
+    cohort = table.append_column("source_image_id", pa.array(sources[::-1]))
+    cio.write_parquet(tmp_path / "cohort" / "test-00000.parquet", cohort)
+    plots.sample_grid(real, tmp_path / "cohort", tmp_path / "grid.png", n=4)
+    _png_ok(tmp_path / "grid.png")
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "grid.png").size
+    assert height > 300 and width >= 4 * 150  # two rows of four
+
+    record = {"model": "dino", "dataset": "demo", "metric": "auroc_macro", "n": 10}
+    records = [
+        {**record, "task": "probe_linear", "value": 0.7, "ci_low": 0.6, "ci_high": 0.8},
+        {**record, "task": "probe_finetune", "value": 0.75, "ci_low": 0.65, "ci_high": 0.85},
+        {**record, "task": "seg_unet", "value": 0.8, "ci_low": None, "ci_high": None},
+    ]
+    dino = [{"model": "dino", "num_register_tokens": 4, "centering": "ema", "auroc_mean": 0.7,
+             "auroc_ci": [0.6, 0.8], "auroc_gain": 0.02, "dice_lungs": 0.9},
+            {"model": "dino_random", "num_register_tokens": None, "centering": None,
+             "auroc_mean": 0.68, "auroc_ci": [0.6, 0.78], "auroc_gain": None,
+             "dice_lungs": None}]  # fmt: skip
+    tables = plots.ablation_rows(records, dino)
+    (cls_title,) = [t for t in tables if t.startswith("Classification")]
+    header, body = tables[cls_title]
+    assert header == ["model", "dataset", "probe_linear", "probe_finetune"]
+    assert body == [["dino", "demo", "0.700 [0.600, 0.800]", "0.750 [0.650, 0.850]"]]
+    dino_rows = tables["DINO ablation (rule dino_ablation)"][1]
+    assert dino_rows[1][:3] == ["dino_random", "–", "–"]
+    plots.ablation_figure(records, tmp_path / "ablation.png", dino_ablation=dino)
+    _png_ok(tmp_path / "ablation.png")
+
+
+def test_paired_gains_over_the_random_baseline(tmp_path) -> None:
+    rng = np.random.default_rng(4)
+    n = 150
+    y = rng.random((n, 2)) < 0.4
+    shared = rng.normal(0, 1, y.shape)  # per-image difficulty both models see
+    paths = []
+    for model, signal in (("dino", 1.6), ("dino_random", 1.2)):
+        cols = {"image_id": [f"i{i}" for i in range(n)],
+                "patient_id": [f"p{i // 2}" for i in range(n)]}  # fmt: skip
+        for j, c in enumerate(["cardiomegaly", "edema"]):
+            cols[f"label.{c}"] = y[:, j].astype(np.int8)
+            cols[f"valid.{c}"] = np.ones(n, bool)
+            cols[f"score.{c}"] = signal * y[:, j] + shared[:, j]
+        path = tmp_path / model / "predictions" / "probe_linear.demo.parquet"
+        cio.write_parquet(path, pa.table(cols))
+        paths.append(path)
+    (gain,) = table.paired_gains(paths, n_boot=300, seed=1)
+    assert (gain["model"], gain["baseline"], gain["task"], gain["dataset"]) == (
+        "dino", "dino_random", "probe_linear", "demo")  # fmt: skip
+    assert 0 < gain["ci_low"] <= gain["value"] <= gain["ci_high"]
+    text = table.render_markdown([], [gain])
+    assert text.startswith("# Benchmark summary")
+    rows = [{"model": "dino", "task": "probe_linear", "dataset": "demo", "metric": "auroc",
+             "value": 0.8, "ci_low": 0.7, "ci_high": 0.9, "n": n, "pretrain_flops": None,
+             "samples_seen": None}]  # fmt: skip
+    assert "## Gain over the random-init baseline" in table.render_markdown(rows, [gain])
+    other = tmp_path / "clip" / "predictions" / "probe_linear.demo.parquet"
+    cio.write_parquet(other, pa.table({**{k: v for k, v in pa.table(cols).to_pydict().items()},
+                                       "image_id": [f"x{i}" for i in range(n)]}))  # fmt: skip
+    with pytest.raises(ValueError, match="different test images"):
+        table.paired_gains([*paths, other], n_boot=10)

@@ -245,3 +245,39 @@ def test_controlnet_smoke_train(trained):
     base = ChexGenPipeline.from_pretrained(root / "ldm").transformer
     for a, b in zip(base.parameters(), pipe.transformer.parameters(), strict=True):
         assert torch.equal(a, b)  # the base stayed frozen
+
+
+def test_stage2_at_larger_latents_keeps_positions_and_samples_at_the_new_size(trained, tmp_path):
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+
+    from cxrfoundry.generate.pipeline import ChexGenPipeline
+
+    root = trained["root"]
+    enc, tok = feat.load_text_encoder(str(root / "text"))
+    feat.encode_features(
+        root / "shards",
+        tmp_path / "f32",
+        split="train",
+        vae=AutoencoderKL.from_pretrained(root / "vae"),
+        text_encoder=enc,
+        tokenizer=tok,
+        text_encoder_name=str(root / "text"),
+        image_size=32,
+        max_tokens=8,
+        sections=["IMPRESSION"],
+    )
+    cfg = {**trained["ldm_cfg"], "steps": 1}
+    tdiff.train_ldm(
+        tmp_path / "f32", tmp_path / "s2", cfg, vae_dir=root / "vae", seed=1, init_from=root / "ldm"
+    )
+    stage1 = PixArtTransformer2DModel.from_pretrained(root / "ldm", subfolder="transformer")
+    stage2 = ChexGenPipeline.from_pretrained(tmp_path / "s2")
+    assert stage2.transformer.config.sample_size == 16 == 2 * stage1.config.sample_size
+    assert stage2.config.prompt_sections == ["IMPRESSION"]
+    # stage II's sin-cos table = what stage I computes on the fly for 16x16 latents (same extent)
+    x = torch.zeros(1, 4, 16, 16)
+    with torch.no_grad():
+        on_the_fly = stage1.pos_embed(x) - stage1.pos_embed.proj(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(stage2.transformer.pos_embed.pos_embed, on_the_fly)
+    image = stage2("Cardiomegaly.", num_inference_steps=2, seed=0).images[0]
+    assert image.size == (32, 32)

@@ -2,8 +2,12 @@
 
 from pathlib import Path
 
+import torch
+
 from cxrfoundry.eval.utility import run_augmentation, run_pretraining
 from cxrfoundry.pipeline import Step
+
+torch.set_num_threads(snakemake.threads)
 
 with Step(snakemake) as step:
     run = run_augmentation if snakemake.rule == "augment" else run_pretraining

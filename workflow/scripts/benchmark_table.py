@@ -13,6 +13,9 @@ with Step(snakemake) as step:
         Path(snakemake.output.md),
         models_dir=snakemake.params.models_dir,
         records=list(snakemake.input.metrics),
+        predictions=list(snakemake.input.predictions),
+        n_boot=snakemake.params.n_boot,
+        seed=snakemake.params.seed,
     )
     plots.table_figure(rows, Path(snakemake.output.figure), title="Benchmark summary")
     step.log_metrics({"results": len(rows)})

@@ -2,8 +2,12 @@
 
 from pathlib import Path
 
+import torch
+
 from cxrfoundry.generate.features import encode_from_config
 from cxrfoundry.pipeline import Step
+
+torch.set_num_threads(snakemake.threads)
 
 with Step(snakemake) as step:
     index = encode_from_config(

@@ -2,8 +2,13 @@
 
 from pathlib import Path
 
+import torch
+
+from cxrfoundry.eval import plots
 from cxrfoundry.eval.fairness import run_fairness
 from cxrfoundry.pipeline import Step
+
+torch.set_num_threads(snakemake.threads)
 
 with Step(snakemake) as step:
     synthetic_test = getattr(snakemake.input, "test", None)
@@ -20,12 +25,16 @@ with Step(snakemake) as step:
         synthetic_train=Path(synthetic_train) if synthetic_train else None,
         log_metrics=step.log_metrics,
     )
-    metrics = {f"gap.{a}": g["gap"] for a, g in record["gaps"].items()}
-    metrics.update({f"worst.{a}": g["worst"] for a, g in record["gaps"].items()})
+    # MLflow metric names allow no "&": intersections are logged as e.g. gap.sex_x_age.
+    gaps = {a.replace("&", "_x_"): g for a, g in record["gaps"].items()}
+    metrics = {f"gap.{a}": g["gap"] for a, g in gaps.items()}
+    metrics.update({f"worst.{a}": g["worst"] for a, g in gaps.items()})
     if record["correlation"] and record["correlation"]["pearson_r"] is not None:
         metrics["real_vs_synthetic_pearson_r"] = record["correlation"]["pearson_r"]
     for attribute, m in (record["mitigation"] or {}).items():
         if "gap_after" in m:
             metrics[f"gap_after_balancing.{attribute}"] = m["gap_after"]
     step.log_metrics(metrics)
+    plots.fairness_bars(record, Path(snakemake.output.bars))
     step.log_artifact(snakemake.output.metrics)
+    step.log_artifact(snakemake.output.bars)

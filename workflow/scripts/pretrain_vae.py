@@ -2,8 +2,12 @@
 
 from pathlib import Path
 
+import torch
+
 from cxrfoundry.pipeline import Step
 from cxrfoundry.train.diffusion import run_job
+
+torch.set_num_threads(snakemake.threads)
 
 with Step(snakemake) as step:
     metrics = run_job(

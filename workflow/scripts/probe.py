@@ -2,8 +2,13 @@
 
 from pathlib import Path
 
+import torch
+
+from cxrfoundry.eval import plots
 from cxrfoundry.eval.probe import run_probe
 from cxrfoundry.pipeline import Step
+
+torch.set_num_threads(snakemake.threads)
 
 with Step(snakemake) as step:
     record = run_probe(
@@ -28,4 +33,7 @@ with Step(snakemake) as step:
             **{f"auroc.{k}": v["auroc"] for k, v in record["per_class"].items() if v["auroc"]},
         }
     )
+    title = f"{snakemake.wildcards.model} ({snakemake.wildcards.mode} probe)"
+    plots.roc_curves(snakemake.output.predictions, Path(snakemake.output.roc), title=title)
     step.log_artifact(snakemake.output.metrics)
+    step.log_artifact(snakemake.output.roc)

@@ -2,8 +2,12 @@
 
 from pathlib import Path
 
+import torch
+
 from cxrfoundry.eval.probe import run_segmentation
 from cxrfoundry.pipeline import Step
+
+torch.set_num_threads(snakemake.threads)
 
 with Step(snakemake) as step:
     record = run_segmentation(

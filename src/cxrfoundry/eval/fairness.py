@@ -72,6 +72,40 @@ def resolve_config(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+#: Race groups by keyword: sources spell them differently (MIMIC "BLACK/AFRICAN AMERICAN",
+#: CheXpert-style "Black"); one subgroup per group, whatever the source vocabulary.
+RACE_KEYWORDS: tuple[tuple[str, str], ...] = (
+    ("white", "White"),
+    ("black", "Black"),
+    ("african", "Black"),
+    ("asian", "Asian"),
+    ("hispanic", "Hispanic"),
+    ("latino", "Hispanic"),
+    ("native", "Native"),
+    ("pacific", "Pacific Islander"),
+    ("other", "Other"),
+)
+#: Values that mean "race not known" (left out of race subgroups).
+RACE_UNKNOWN: frozenset[str] = frozenset(
+    {"", "unknown", "other/unknown", "nan", "none", "unable to obtain", "patient declined",
+     "declined to answer"}
+)  # fmt: skip
+
+
+def normalize_race(value: Any) -> str:
+    """Canonical race group of a source value; ``""`` when unknown."""
+    if value is None:
+        return ""
+    text = str(value).strip()
+    if text.lower() in RACE_UNKNOWN:
+        return ""
+    words = text.lower().replace("/", " ").replace("-", " ").split()
+    for keyword, group in RACE_KEYWORDS:
+        if keyword in words:
+            return group
+    return text
+
+
 def age_groups(age: np.ndarray, bins: Sequence[Sequence[Any]] = AGE_BINS) -> np.ndarray:
     """Age group name per age; ``""`` where age is unknown or outside every bin."""
     age = np.asarray(age, dtype=np.float64)
@@ -92,21 +126,14 @@ def subgroup_labels(
 ) -> dict[str, np.ndarray]:
     """Group name per image for each attribute and intersection (``""`` = unknown).
 
-    ``meta`` has ``sex``, ``age`` (years) and ``race`` arrays. Race values such as "Unknown"
-    or empty count as unknown ("race where known").
+    ``meta`` has ``sex``, ``age`` (years) and ``race`` arrays. Race values are mapped to one
+    group per race across source vocabularies (:func:`normalize_race`); "Unknown" or empty
+    count as unknown ("race where known").
     """
     base = {
         "sex": np.asarray([s if s in ("M", "F") else "" for s in meta["sex"]], dtype=object),
         "age": age_groups(meta["age"], age_bins),
-        "race": np.asarray(
-            [
-                ""
-                if r is None or str(r).strip().lower() in ("", "unknown", "other/unknown", "nan")
-                else str(r)
-                for r in meta["race"]
-            ],
-            dtype=object,
-        ),
+        "race": np.asarray([normalize_race(r) for r in meta["race"]], dtype=object),
     }
     out = {a: base[a] for a in attributes}
     for pair in intersections:
@@ -374,6 +401,29 @@ def mitigation_summary(
     }
 
 
+def gap_change_ci(
+    before: SubgroupAudit, after: SubgroupAudit, attribute: str, alpha: float = 0.05
+) -> list[float | None]:
+    """CI of gap(before) - gap(after) of ``attribute`` over shared bootstrap replicates.
+
+    Both audits score the same real test images with the same seed, so their replicates pair
+    up; each side's gap is its own best minus worst group. A CI above 0 = the gap narrowed.
+    """
+    b, a = before.gaps.get(attribute), after.gaps.get(attribute)
+    if b is None or a is None:
+        return [None, None]
+
+    def reps(audit: SubgroupAudit, gap: Mapping[str, Any]) -> np.ndarray:
+        best = audit.replicates.get((attribute, gap["best_group"]), np.empty(0))
+        worst = audit.replicates.get((attribute, gap["worst_group"]), np.empty(0))
+        return best - worst if best.size and best.size == worst.size else np.empty(0)
+
+    rb, ra = reps(before, b), reps(after, a)
+    if not rb.size or rb.size != ra.size:
+        return [None, None]
+    return list(M.percentile_ci(rb - ra, alpha))
+
+
 def audit_cohort(
     clf: probe.Classifier,
     cohort: probe.Cohort,
@@ -426,6 +476,9 @@ def run_fairness(
     train = probe.load_cohort(shards, pcfg["train_split"], pcfg, max_rows=pcfg["max_train_rows"])
     test = probe.load_cohort(shards, pcfg["test_split"], pcfg)
     clf = probe.Classifier(backbone, pcfg, seed=seed)
+    cache = clf.with_features if clf.frozen else (lambda cohort: cohort)
+    cache(train)
+    cache(test)
     clf.fit(train, log_metrics=log_metrics)
     real = audit_cohort(clf, test, cfg, seed=seed)
     extra: dict[str, Any] = {
@@ -437,7 +490,7 @@ def run_fairness(
         "mitigation": None,
     }
     if synthetic_test is not None:
-        synth = probe.load_cohort(synthetic_test, None, pcfg, source="synthetic")
+        synth = cache(probe.load_cohort(synthetic_test, None, pcfg, source="synthetic"))
         synth_audit = audit_cohort(clf, synth, cfg, seed=seed)
         extra["synthetic"] = {
             "n": len(synth),
@@ -447,7 +500,7 @@ def run_fairness(
         }
         extra["correlation"] = correlate_audits(real, synth_audit)
     if synthetic_train is not None:
-        pool = probe.load_cohort(synthetic_train, None, pcfg, source="synthetic")
+        pool = cache(probe.load_cohort(synthetic_train, None, pcfg, source="synthetic"))
         train_groups = cohort_groups(train, cfg)
         pool_groups = cohort_groups(pool, cfg)
         extra["mitigation"] = {}
@@ -457,11 +510,13 @@ def run_fairness(
             balanced = probe.concat_cohorts(
                 [train, pool.subset(idx)], name=f"train+synthetic[{attribute}]"
             )
+            # Same seed: the same backbone (cached features) and head init as before balancing.
             clf_after = probe.Classifier(backbone, pcfg, seed=seed)
             clf_after.fit(balanced)
             after = audit_cohort(clf_after, test, cfg, seed=seed)
             extra["mitigation"][attribute] = {
                 **mitigation_summary(real, after, attribute),
+                "gap_change_ci": gap_change_ci(real, after, attribute, float(pcfg["alpha"])),
                 "added": report,
                 "n_train_after": len(balanced),
                 "subgroups_after": [r for r in after.rows if r["attribute"] == attribute],
@@ -487,7 +542,12 @@ def run_fairness(
         },
         findings=[FINDING_NAME_BY_COLUMN[c] for c in clf.columns],
         **extra,
-        details={"backbone": probe.backbone_name(backbone), "config": cfg, "seed": seed},
+        details={
+            "backbone": probe.backbone_name(backbone),
+            "n_train": len(train),
+            "config": cfg,
+            "seed": seed,
+        },
     )
     M.write_metrics(out_json, record)
     corr = extra["correlation"] or {}

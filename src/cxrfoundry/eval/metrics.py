@@ -350,6 +350,8 @@ class DiceResult:
     mean: Estimate
     n: int
     n_patients: int
+    #: Bootstrap replicates of the mean Dice over structures (for paired comparisons).
+    replicates: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
 
     def per_class(self) -> dict[str, dict[str, Any]]:
         """``{structure: {dice, dice_ci}}`` for the metrics JSON."""
@@ -380,14 +382,16 @@ def dice_metrics(
         )[0]
         for j, s in enumerate(structures)
     }
-    mean, _ = bootstrap_statistic(
+    mean, boot = bootstrap_statistic(
         weighted_mean_statistic(dice.mean(axis=1)),
         patient_ids,
         n_boot=n_boot,
         seed=seed,
         alpha=alpha,
     )
-    return DiceResult(list(structures), per, mean, dice.shape[0], patient_codes(patient_ids)[1])
+    return DiceResult(
+        list(structures), per, mean, dice.shape[0], patient_codes(patient_ids)[1], boot
+    )
 
 
 def paired_difference(

@@ -152,6 +152,9 @@ class Cohort:
     masks: torch.Tensor | None = None  # uint8 bit masks (N, S, S)
     has_mask: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Frozen-backbone embeddings ``(N, D)`` by backbone fingerprint (:attr:`Classifier.key`):
+    #: computed once per cohort, they make many head fits on subsets of it cheap.
+    features: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -174,6 +177,7 @@ class Cohort:
             name=name or self.name,
             masks=None if self.masks is None else self.masks[t],
             has_mask=None if self.has_mask is None else self.has_mask[t],
+            features={k: v[t] for k, v in self.features.items()},
         )
 
     def meta_table(self) -> pa.Table:
@@ -213,6 +217,10 @@ def concat_cohorts(cohorts: Sequence[Cohort], name: str = "combined") -> Cohort:
         name=name,
         masks=masks,
         has_mask=None if masks is None else torch.cat([c.has_mask for c in cohorts]),  # type: ignore[misc]
+        features={
+            key: torch.cat([c.features[key] for c in cohorts])
+            for key in set.intersection(*(set(c.features) for c in cohorts))
+        },
     )
 
 
@@ -297,7 +305,14 @@ def backbone_name(source: str | Path | Mapping[str, Any]) -> str:
 
 
 class Classifier:
-    """The CXformer classification head on a backbone, trained with :func:`finetune.fit`."""
+    """The CXformer classification head on a backbone, trained with :func:`finetune.fit`.
+
+    With ``mode="linear"`` the backbone is frozen, so a cohort's embeddings depend only on the
+    backbone's weights: :meth:`with_features` computes them once and stores them on the cohort
+    under :attr:`key` (a fingerprint of those weights and the preprocessing), and every later
+    :meth:`fit` / :meth:`predict` on that cohort, its subsets and concatenations reuses them.
+    Many fits of one backbone (seeds, arms, balanced training sets) then cost one embedding pass.
+    """
 
     def __init__(
         self,
@@ -305,6 +320,7 @@ class Classifier:
         cfg: Mapping[str, Any] | None = None,
         *,
         seed: int = 0,
+        backbone_seed: int | None = None,
     ) -> None:
         self.cfg = resolve_config(cfg)
         self.columns = finding_columns(self.cfg)
@@ -312,14 +328,47 @@ class Classifier:
         self.seed = int(seed)
         self.source = backbone
         self.device = engine.init_distributed(self.cfg["device"]).device
+        # A random-init backbone is drawn from backbone_seed (default: seed); the head from seed.
+        init_seed = self.seed if backbone_seed is None else int(backbone_seed)
+        engine.seed_everything(init_seed)
+        backbone_module = heads.load_backbone(backbone, seed=init_seed)
         engine.seed_everything(self.seed)
         self.model = heads.ClassificationModel(
-            heads.load_backbone(backbone, seed=self.seed),
-            len(self.cols),
-            int(self.cfg["n_last_blocks"]),
+            backbone_module, len(self.cols), int(self.cfg["n_last_blocks"])
         ).to(self.device)
+        self.key = self._fingerprint()
         self.samples_seen = 0
         self.fit_info: list[dict[str, Any]] = []
+
+    def _fingerprint(self) -> str:
+        """sha256 of the backbone weights and the preprocessing that shape the embeddings."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.features.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        prep = (self.cfg["mean"], self.cfg["std"], self.cfg["n_last_blocks"])
+        digest.update(repr(prep).encode())
+        return digest.hexdigest()[:16]
+
+    @property
+    def frozen(self) -> bool:
+        """True for a linear probe (the backbone never changes)."""
+        return self.cfg["mode"] == "linear"
+
+    def with_features(self, cohort: Cohort) -> Cohort:
+        """``cohort`` with this backbone's frozen embeddings attached (computed if missing)."""
+        if not self.frozen:
+            raise ValueError("cached features need a frozen backbone (mode=linear)")
+        if self.key not in cohort.features:
+            cohort.features[self.key] = finetune.embed_all(
+                self.model, cohort.images, self.cfg, self.device
+            )
+        return cohort
+
+    def _cached(self, cohort: Cohort) -> torch.Tensor | None:
+        return cohort.features.get(self.key) if self.frozen else None
 
     def _fit_cfg(self, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         cfg = {**self.cfg, **dict(overrides or {})}
@@ -356,6 +405,7 @@ class Classifier:
             device=self.device,
             log_metrics=log_metrics,
             desc=f"fit {cohort.name}",
+            embeddings=self._cached(cohort) if cfg["backbone_lr"] <= 0 else None,
         )
         batch = min(int(cfg["batch_size"]), len(cohort))
         self.samples_seen += int(info["steps"]) * batch
@@ -365,10 +415,24 @@ class Classifier:
         self.fit_info.append(info)
         return info
 
+    @torch.no_grad()
     def predict(self, cohort: Cohort) -> np.ndarray:
         """Sigmoid scores ``(N, n_findings)`` (float64)."""
-        logits = finetune.predict(self.model, cohort.images, self.cfg, self.device)
+        cached = self._cached(cohort)
+        if cached is not None:
+            self.model.eval()
+            logits = self.model.decode(cached.to(self.device)).float().cpu()
+        else:
+            logits = finetune.predict(self.model, cohort.images, self.cfg, self.device)
         return torch.sigmoid(logits).double().numpy()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """A copy of the model weights (to restart several fine-tunings from one point)."""
+        return copy.deepcopy(self.model.state_dict())
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore weights saved by :meth:`state`."""
+        self.model.load_state_dict(state)
 
     def flops_per_image(self, image_size: int) -> int:
         """Forward FLOPs of one image through backbone and head (torch's FLOP counter)."""
@@ -440,6 +504,49 @@ def model_compute(model_dir: str | Path | None) -> dict[str, Any]:
     }
 
 
+@dataclass
+class ProbeRun:
+    """What :func:`classification_benchmark` trained and measured (for any record format)."""
+
+    cfg: dict[str, Any]
+    columns: list[str]
+    classifier: Classifier
+    n_train: int
+    test: Cohort
+    scores: np.ndarray
+    result: M.ClassificationResult
+    fit: dict[str, Any]
+
+
+def classification_benchmark(
+    shards: str | Path,
+    backbone: str | Path | Mapping[str, Any],
+    cfg: Mapping[str, Any] | None,
+    *,
+    seed: int,
+    log_metrics: Callable[[Mapping[str, float], int], None] | None = None,
+) -> ProbeRun:
+    """Train the classifier on ``train_split`` of ``shards``, score ``test_split``.
+
+    The one implementation of the classification benchmark: the benchmarks stage's ``probe``
+    rule (:func:`run_probe`) and the DINO stage's ``finetune_cls`` rule
+    (:func:`cxrfoundry.train.finetune.finetune_classification`) both call it and only format
+    the record differently. CIs resample patients (``bootstrap`` replicates, seeded).
+    """
+    cfg = resolve_config(cfg)
+    columns = finding_columns(cfg)
+    train = load_cohort(shards, cfg["train_split"], cfg, max_rows=cfg["max_train_rows"])
+    test = load_cohort(shards, cfg["test_split"], cfg)
+    clf = Classifier(backbone, cfg, seed=seed)
+    if clf.frozen:
+        clf.with_features(train)
+        clf.with_features(test)
+    info = clf.fit(train, log_metrics=log_metrics)
+    scores = clf.predict(test)
+    result = score_cohort(scores, test, columns, cfg, seed=seed)
+    return ProbeRun(cfg, columns, clf, len(train), test, scores, result, info)
+
+
 def run_probe(
     shards: str | Path,
     backbone: str | Path | Mapping[str, Any],
@@ -462,14 +569,8 @@ def run_probe(
     ``model_dir`` (the backbone's model folder) supplies pretraining FLOPs/samples. Returns the
     record written.
     """
-    cfg = resolve_config(cfg)
-    columns = finding_columns(cfg)
-    train = load_cohort(shards, cfg["train_split"], cfg, max_rows=cfg["max_train_rows"])
-    test = load_cohort(shards, cfg["test_split"], cfg)
-    clf = Classifier(backbone, cfg, seed=seed)
-    info = clf.fit(train, log_metrics=log_metrics)
-    scores = clf.predict(test)
-    result = score_cohort(scores, test, columns, cfg, seed=seed)
+    run = classification_benchmark(shards, backbone, cfg, seed=seed, log_metrics=log_metrics)
+    cfg, result, clf, test = run.cfg, run.result, run.classifier, run.test
     size = int(test.images.shape[-1])
     per_image = clf.flops_per_image(size)
     pre = model_compute(model_dir)
@@ -492,22 +593,22 @@ def run_probe(
             # Frozen backbone: one forward per train image (embeddings are cached); fine-tuning:
             # forward + backward (~3x forward) per sample seen.
             "probe_train_flops": per_image
-            * (len(train) if cfg["mode"] == "linear" else 3 * clf.samples_seen),
+            * (run.n_train if cfg["mode"] == "linear" else 3 * clf.samples_seen),
         },
         details={
             "backbone": backbone_name(backbone),
             "mode": cfg["mode"],
-            "n_train": len(train),
+            "n_train": run.n_train,
             "classes_scored": sum(result.auroc[c].value is not None for c in result.class_names),
             "train_samples_seen": clf.samples_seen,
-            "fit": info,
+            "fit": run.fit,
             "config": cfg,
             "seed": seed,
         },
     )
     M.write_metrics(out_json, record)
     if out_predictions is not None:
-        cio.write_parquet(out_predictions, predictions_table(scores, test, columns))
+        cio.write_parquet(out_predictions, predictions_table(run.scores, test, run.columns))
     log.info(
         "probe %s on %s: macro AUROC %.4f [%s, %s] (n=%d, %d patients)",
         model_name,
@@ -580,25 +681,35 @@ class UNetSegmentationModel(nn.Module):
         return self.decode(self.embed(pixels), tuple(pixels.shape[-2:]))
 
 
-def run_segmentation(
+@dataclass
+class SegmentationRun:
+    """What :func:`segmentation_benchmark` trained and measured."""
+
+    cfg: dict[str, Any]
+    structures: list[str]
+    dice: np.ndarray  # (n_test, n_structures) hard Dice per image
+    test: Cohort
+    result: M.DiceResult
+    n_train: int
+    rows_without_mask: dict[str, int]
+    fit: dict[str, Any]
+
+
+def segmentation_benchmark(
     shards: str | Path,
     backbone: str | Path | Mapping[str, Any],
-    out_json: str | Path,
     cfg: Mapping[str, Any] | None,
     *,
     seed: int,
-    model_name: str,
-    dataset: str | None = None,
-    task: str | None = None,
-    model_dir: str | Path | None = None,
     log_metrics: Callable[[Mapping[str, float], int], None] | None = None,
-) -> dict[str, Any]:
+) -> SegmentationRun:
     """Train a segmentation head (``head``: ``linear`` or ``unet``) on ``shards``' masks.
 
-    Frozen backbone for ``mode=linear``, trained with its own lr for ``mode=finetune``. Loss:
-    per-structure BCE + soft Dice (:func:`heads.segmentation_loss`). Scores hard Dice per test
-    image and structure; ``value`` = mean Dice over structures, CIs by patient bootstrap. Rows
-    without a mask are left out (counted in ``details``). Returns the record written.
+    The one implementation of the segmentation benchmark (rules ``segment`` and the DINO
+    stage's ``finetune_seg``). Frozen backbone for ``mode=linear``, trained with its own lr for
+    ``mode=finetune``. Loss: per-structure BCE + soft Dice (:func:`heads.segmentation_loss`).
+    Hard Dice per test image and structure, CIs by patient bootstrap. Rows without a mask are
+    left out (counted in ``rows_without_mask``).
     """
     cfg = resolve_config(cfg, SEG_DEFAULTS, "segment")
     if cfg["head"] not in ("linear", "unet"):
@@ -654,6 +765,39 @@ def run_segmentation(
         seed=seed,
         alpha=float(cfg["alpha"]),
     )
+    return SegmentationRun(
+        cfg,
+        structures,
+        dice,
+        test,
+        result,
+        len(train),
+        {k: v[2] for k, v in splits.items()},
+        info,
+    )
+
+
+def run_segmentation(
+    shards: str | Path,
+    backbone: str | Path | Mapping[str, Any],
+    out_json: str | Path,
+    cfg: Mapping[str, Any] | None,
+    *,
+    seed: int,
+    model_name: str,
+    dataset: str | None = None,
+    task: str | None = None,
+    model_dir: str | Path | None = None,
+    log_metrics: Callable[[Mapping[str, float], int], None] | None = None,
+) -> dict[str, Any]:
+    """:func:`segmentation_benchmark`, written as a metrics JSON; returns the record.
+
+    ``value`` = mean Dice over structures with its patient-bootstrap CI; ``per_class`` = Dice
+    per structure with CIs.
+    """
+    run = segmentation_benchmark(shards, backbone, cfg, seed=seed, log_metrics=log_metrics)
+    cfg, result = run.cfg, run.result
+    pre = model_compute(model_dir)
     record = M.metrics_record(
         task=task or f"seg_{cfg['head']}",
         model=model_name,
@@ -665,15 +809,15 @@ def run_segmentation(
         n_patients=result.n_patients,
         n_boot=int(cfg["bootstrap"]),
         ci_method="percentile bootstrap over patients",
-        samples_seen=model_compute(model_dir)["pretrain_samples_seen"],
-        compute={"pretrain_flops": model_compute(model_dir)["pretrain_flops"]},
+        samples_seen=pre["pretrain_samples_seen"],
+        compute={"pretrain_flops": pre["pretrain_flops"]},
         details={
             "backbone": backbone_name(backbone),
             "head": cfg["head"],
             "mode": cfg["mode"],
-            "n_train": len(train),
-            "rows_without_mask": {k: v[2] for k, v in splits.items()},
-            "fit": info,
+            "n_train": run.n_train,
+            "rows_without_mask": run.rows_without_mask,
+            "fit": run.fit,
             "config": cfg,
             "seed": seed,
         },

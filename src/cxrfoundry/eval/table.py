@@ -8,7 +8,9 @@ own ``compute.pretrain_flops`` / ``samples_seen`` keys, else from
 
 * ``summary.csv``: one row per (model, task, dataset) with value and CI;
 * ``summary.md``: a model × task grid of ``value [ci_low, ci_high]`` per dataset, the long table
-  with metric names and n, and the compute per model.
+  with metric names and n, the compute per model and, given the probes' predictions tables, each
+  backbone's macro AUROC gain over the random-init baseline with a *paired* patient-bootstrap CI
+  (:func:`paired_gains`: both models scored on the same resamples of the same test images).
 """
 
 from __future__ import annotations
@@ -95,6 +97,74 @@ def summary_rows(
     return rows
 
 
+def _predictions_key(path: Path) -> tuple[str, str, str]:
+    """(model, task, dataset) of ``{model}/predictions/{task}.{dataset}.parquet``."""
+    task, _, dataset = path.name.removesuffix(".parquet").partition(".")
+    return path.parent.parent.name, task, dataset
+
+
+def _matrix(table: Any, prefix: str, columns: Sequence[str]) -> Any:
+    """``(n, k)`` array of the ``{prefix}.{column}`` columns of a predictions table."""
+    import numpy as np
+
+    return np.stack(
+        [np.asarray(table.column(f"{prefix}.{c}").to_numpy(zero_copy_only=False)) for c in columns],
+        axis=1,
+    )
+
+
+def paired_gains(
+    predictions: Sequence[str | Path],
+    *,
+    baseline_suffix: str = "random",
+    n_boot: int = M.DEFAULT_N_BOOT,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> list[dict[str, Any]]:
+    """Macro AUROC of each model minus the random-init baseline's, per (task, dataset).
+
+    ``predictions`` are probe predictions tables (``{model}/predictions/{task}.{dataset}
+    .parquet``). Pairs share the test images (checked), so :func:`metrics.paired_difference`
+    scores both on the same patient-bootstrap replicates: the CI is that of the difference, not
+    two overlapping intervals.
+    """
+    import numpy as np
+
+    from cxrfoundry.eval.probe import read_predictions
+
+    groups: dict[tuple[str, str], dict[str, Path]] = {}
+    for path in map(Path, predictions):
+        model, task, dataset = _predictions_key(path)
+        groups.setdefault((task, dataset), {})[model] = path
+    rows = []
+    for (task, dataset), by_model in sorted(groups.items()):
+        baselines = sorted(m for m in by_model if m.endswith(baseline_suffix))
+        if not baselines:
+            continue
+        base_name = baselines[0]
+        base, columns = read_predictions(by_model[base_name])
+        for model, path in sorted(by_model.items()):
+            if model == base_name:
+                continue
+            table, other_columns = read_predictions(path)
+            if other_columns != columns or table.column("image_id") != base.column("image_id"):
+                raise ValueError(f"{path} and {by_model[base_name]}: different test images")
+
+            diff = M.paired_difference(
+                _matrix(table, "score", columns).astype(float),
+                _matrix(base, "score", columns).astype(float),
+                _matrix(base, "label", columns) > 0,
+                np.asarray(base.column("patient_id").to_pylist(), dtype=object),
+                valid=_matrix(base, "valid", columns).astype(bool),
+                n_boot=n_boot,
+                seed=seed,
+                alpha=alpha,
+            )
+            rows.append({"model": model, "baseline": base_name, "task": task, "dataset": dataset,
+                         **diff})  # fmt: skip
+    return rows
+
+
 def _fmt(value: Any, spec: str = ".3f") -> str:
     if value is None:
         return "–"
@@ -117,8 +187,10 @@ def _md_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The ``summary.md`` text of :func:`summary_rows` output."""
+def render_markdown(
+    rows: Sequence[Mapping[str, Any]], gains: Sequence[Mapping[str, Any]] = ()
+) -> str:
+    """The ``summary.md`` text of :func:`summary_rows` (and :func:`paired_gains`) output."""
     parts = [
         "# Benchmark summary",
         "",
@@ -152,6 +224,22 @@ def render_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         _md_table(["model", "pretraining FLOPs", "samples seen"], body),
         "",
     ]
+    if gains:
+        body = [
+            [g["task"], g["dataset"], g["model"], g["baseline"], f"{g['value']:+.3f}"
+             + (f" [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]" if g["ci_low"] is not None else ""),
+             _fmt(g["p_boot"])]
+            for g in gains
+        ]  # fmt: skip
+        parts += [
+            "## Gain over the random-init baseline",
+            "",
+            "Macro AUROC difference on the same test images with a paired patient-bootstrap "
+            "95% CI (both models scored on the same resamples); `p` = two-sided bootstrap share.",
+            "",
+            _md_table(["task", "dataset", "model", "baseline", "gain [95% CI]", "p"], body),
+            "",
+        ]
     return "\n".join(parts)
 
 
@@ -162,9 +250,13 @@ def benchmark_table(
     *,
     models_dir: str | Path | None = "results/models",
     records: Sequence[str | Path] | None = None,
+    predictions: Sequence[str | Path] = (),
+    n_boot: int = M.DEFAULT_N_BOOT,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Collect the metrics JSONs (all under ``root``, or exactly ``records``) and write the CSV
-    and Markdown summaries atomically; returns the rows."""
+    and Markdown summaries atomically; returns the rows. ``predictions`` (probe predictions
+    tables) add the paired gains over the random-init baseline to ``summary.md``."""
     if records is not None:
         found = [(Path(p), M.read_metrics(p)) for p in sorted(map(str, records))]
     else:
@@ -176,6 +268,7 @@ def benchmark_table(
     for row in rows:
         writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
     cio.write_text(out_csv, buffer.getvalue())
-    cio.write_text(out_md, render_markdown(rows))
+    gains = paired_gains(predictions, n_boot=n_boot, seed=seed) if predictions else []
+    cio.write_text(out_md, render_markdown(rows, gains))
     log.info("benchmark table: %d results -> %s, %s", len(rows), out_csv, out_md)
     return rows

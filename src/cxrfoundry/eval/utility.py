@@ -73,16 +73,30 @@ def _run(
     train: probe.Cohort,
     test: probe.Cohort,
     seed: int,
-    pretrain_on: probe.Cohort | None = None,
-    pretrain_overrides: Mapping[str, Any] | None = None,
+    backbone_seed: int,
+    init: Mapping[str, Any] | None = None,
 ) -> tuple[M.ClassificationResult, np.ndarray, int]:
-    clf = probe.Classifier(backbone, pcfg, seed=seed)
-    if pretrain_on is not None:
-        clf.fit(pretrain_on, overrides=pretrain_overrides, seed=seed + 7919)
+    """Train one classifier (from ``init`` weights when given) and score the real test set."""
+    clf = probe.Classifier(backbone, pcfg, seed=seed, backbone_seed=backbone_seed)
+    if init is not None:
+        clf.load_state(init)
     clf.fit(train, seed=seed)
     scores = clf.predict(test)
-    result = probe.score_cohort(scores, test, clf.columns, clf.cfg, seed=seed)
+    result = probe.score_cohort(scores, test, clf.columns, clf.cfg, seed=backbone_seed)
     return result, scores, clf.samples_seen
+
+
+def attach_features(
+    backbone: str | Path | Mapping[str, Any],
+    pcfg: Mapping[str, Any],
+    cohorts: list[probe.Cohort],
+    seed: int,
+) -> None:
+    """Embed each cohort once with the frozen backbone (linear probes only; else no-op)."""
+    clf = probe.Classifier(backbone, pcfg, seed=seed, backbone_seed=seed)
+    if clf.frozen:
+        for cohort in cohorts:
+            clf.with_features(cohort)
 
 
 def _paired_tests(diffs: np.ndarray) -> dict[str, Any]:
@@ -120,6 +134,9 @@ def augmentation_experiment(
     arms: list[tuple[str, float]] = [("real", 0.0)] + [
         (f"real+{float(m):g}x", float(m)) for m in cfg["multiples"]
     ]
+    # One backbone for every run (a linear probe embeds each cohort once); seeds vary the
+    # head's init, the shuffles and the synthetic draw.
+    attach_features(backbone, pcfg, [real_train, real_test, synthetic], seed)
     runs: list[dict[str, Any]] = []
     for s in tqdm(seeds, desc="augmentation seeds"):
         for arm, multiple in arms:
@@ -129,7 +146,7 @@ def augmentation_experiment(
                 extra = synthetic_subset(synthetic, round(multiple * len(real_train)), s)
                 n_synth = len(extra)
                 train = probe.concat_cohorts([real_train, extra], name=f"{arm}@{s}")
-            result, _, seen = _run(backbone, pcfg, train, real_test, s)
+            result, _, seen = _run(backbone, pcfg, train, real_test, s, seed)
             runs.append(
                 {
                     "arm": arm,
@@ -173,20 +190,23 @@ def pretraining_experiment(
     pcfg = probe.resolve_config(cfg["probe"])
     n_synth = round(float(cfg["pretrain_multiple"]) * len(real_train))
     pretrain_set = synthetic_subset(synthetic, n_synth, seed)
+    attach_features(backbone, pcfg, [real_train, real_test, pretrain_set], seed)
+    # Pretrain once on the synthetic images; every fraction fine-tunes a copy of those weights.
+    pre = probe.Classifier(backbone, pcfg, seed=seed + 7919, backbone_seed=seed)
+    pre.fit(pretrain_set, overrides=cfg["pretrain"])
+    pretrained, pretrain_seen = pre.state(), pre.samples_seen
     rows = []
     for fraction in tqdm([float(f) for f in cfg["fractions"]], desc="real fractions"):
         subset = probe.sample_patients(real_train, fraction, seed)
-        for arm, pre in (("real only", None), ("synthetic pretrain", pretrain_set)):
-            result, scores, seen = _run(
-                backbone, pcfg, subset, real_test, seed, pre, cfg["pretrain"]
-            )
+        for arm, init in (("real only", None), ("synthetic pretrain", pretrained)):
+            result, scores, seen = _run(backbone, pcfg, subset, real_test, seed, seed, init)
             rows.append(
                 {
                     "fraction": fraction,
                     "arm": arm,
                     "n_real": len(subset),
-                    "n_synthetic_pretrain": 0 if pre is None else len(pre),
-                    "samples_seen": seen,
+                    "n_synthetic_pretrain": 0 if init is None else len(pretrain_set),
+                    "samples_seen": seen + (0 if init is None else pretrain_seen),
                     "auroc": result.macro_auroc.as_dict(),
                     "auprc": result.macro_auprc.as_dict(),
                     "_scores": scores,
@@ -253,7 +273,8 @@ def run_augmentation(
         estimate=M.Estimate(comp["mean_diff"], low, high),
         n=len(test),
         per_class={arm: result["summary"][arm] for arm in result["summary"]},
-        samples_seen=int(sum(r["samples_seen"] for r in result["runs"])),
+        # Classifier training samples over all runs (samples_seen is the backbone's pretraining).
+        train_samples_seen=int(sum(r["samples_seen"] for r in result["runs"])),
         synthetic_cohort=str(synthetic),
         **result,
         details={"backbone": probe.backbone_name(backbone), "config": cfg, "seed": seed},
@@ -297,7 +318,8 @@ def run_pretraining(
         estimate=M.Estimate(diff["value"], diff["ci_low"], diff["ci_high"]),
         n=len(test),
         per_class={f"{r['arm']}@{r['fraction']:g}": r["auroc"] for r in result["runs"]},
-        samples_seen=int(sum(r["samples_seen"] for r in result["runs"])),
+        # Classifier training samples over all runs (samples_seen is the backbone's pretraining).
+        train_samples_seen=int(sum(r["samples_seen"] for r in result["runs"])),
         synthetic_cohort=str(synthetic),
         **result,
         details={"backbone": probe.backbone_name(backbone), "config": cfg, "seed": seed},

@@ -192,8 +192,8 @@ def ddim_sample(
     batch = text.shape[0]
     device = text.device
     if latents is None:
-        latents = torch.randn((batch, *latent_shape), generator=generator).to(device)
-    latents = latents * scheduler.init_noise_sigma
+        latents = torch.randn((batch, *latent_shape), generator=generator)
+    latents = latents.to(device) * scheduler.init_noise_sigma
     scheduler.set_timesteps(num_steps, device=device)
     for t in tqdm(scheduler.timesteps, desc="DDIM", disable=not progress, leave=False):
         t_batch = t.expand(batch).to(device)

@@ -82,6 +82,14 @@ def load_text_encoder(name_or_path: str) -> tuple[torch.nn.Module, Any]:
     return model.eval(), tokenizer
 
 
+def prompt_text(report: str | None, sections: Sequence[str] | None) -> str:
+    """The text a prompt is encoded from: the report, or only its ``sections`` (``HEADER:``
+    blocks, see :func:`cxrfoundry.models.clip.select_sections`; text without them is kept)."""
+    from cxrfoundry.models.clip import select_sections
+
+    return select_sections(report or "", list(sections) if sections else None)
+
+
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
@@ -119,12 +127,15 @@ def encode_features(
     rows_per_file: int = 4096,
     with_control: bool = False,
     subset: Mapping[str, Any] | None = None,
+    sections: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Encode the ``split`` rows of a shard folder into a feature folder; returns the index.
 
     Images are resized to ``image_size`` (square) before encoding; ``with_control`` also
-    encodes condition images (rows without a mask get an all-zero condition).
+    encodes condition images (rows without a mask get an all-zero condition). ``sections``
+    (e.g. ``[IMPRESSION]``) encodes only those report sections (:func:`prompt_text`); the
+    pipeline trained on the cache applies the same selection to its prompts.
     """
     shards_dir, out_dir = Path(shards_dir), Path(out_dir)
     subset = dict(subset or {})
@@ -153,7 +164,9 @@ def encode_features(
                 if with_control:
                     conds = torch.stack(pending["conds"][s : s + batch_size]).to(device)
                     ctl.append(vae_lib.encode(vae, conds).cpu())
-                prompts = [r["report"] or "" for r in pending["rows"][s : s + batch_size]]
+                prompts = [
+                    prompt_text(r["report"], sections) for r in pending["rows"][s : s + batch_size]
+                ]
                 emb, mask = diffusion.encode_prompts(
                     text_encoder, tokenizer, prompts, max_tokens=max_tokens, device=device
                 )
@@ -260,6 +273,7 @@ def encode_features(
         "scaling_factor": float(vae.config.scaling_factor),
         "with_control": with_control,
         "subset": subset,
+        "sections": list(sections) if sections else None,
     }
     cio.write_json(out_dir / INDEX, index)
     log.info("features %s: %s", out_dir, counts)
@@ -294,7 +308,7 @@ def load_features(directories: str | os.PathLike[str] | Sequence[str | os.PathLi
             raise FileNotFoundError(f"{d / INDEX}: feature index not found")
         idx = cio.read_json(d / INDEX)
         if index is not None:
-            for key in ("latent_shape", "text_dim", "max_tokens", "text_encoder"):
+            for key in ("latent_shape", "text_dim", "max_tokens", "text_encoder", "sections"):
                 if idx[key] != index[key]:
                     raise ValueError(f"{d}: {key} {idx[key]} differs from {index[key]}")
         index = index or idx
@@ -333,7 +347,8 @@ def encode_from_config(
     """Load the trained/pretrained VAE and the text encoder, then :func:`encode_features`.
 
     ``cfg`` (one ``chexgen.features.{name}`` block): ``image_size``, ``with_control``,
-    ``subset``, ``batch_size``, ``rows_per_file``, ``device`` (auto = CUDA when present).
+    ``subset``, ``sections``, ``batch_size``, ``rows_per_file``, ``device`` (auto = CUDA when
+    present).
     """
     from diffusers import AutoencoderKL
 
@@ -355,5 +370,6 @@ def encode_from_config(
         rows_per_file=int(cfg.get("rows_per_file", 4096)),
         with_control=bool(cfg.get("with_control", False)),
         subset=cfg.get("subset") or {},
+        sections=cfg.get("sections"),
         device=device,
     )

@@ -8,7 +8,8 @@ Components (saved by ``save_pretrained`` in the usual diffusers layout): ``trans
 (:class:`~diffusers.PixArtTransformer2DModel`, EMA weights), ``vae``
 (:class:`~diffusers.AutoencoderKL`), ``scheduler`` (:class:`~diffusers.DDIMScheduler`),
 ``text_encoder`` + ``tokenizer`` (the frozen text encoder used for the feature cache); the
-``max_tokens`` the prompts are padded to is part of the pipeline config. A ControlNet
+``max_tokens`` the prompts are padded to and the report sections they are read from
+(``prompt_sections``, null = the whole report) are part of the pipeline config. A ControlNet
 (:class:`~cxrfoundry.generate.controlnet.ChexGenControlNet`) is passed per call with a
 condition image.
 """
@@ -53,6 +54,7 @@ class ChexGenPipeline(DiffusionPipeline):
         text_encoder: Any,
         tokenizer: Any,
         max_tokens: int = 120,
+        prompt_sections: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -62,7 +64,10 @@ class ChexGenPipeline(DiffusionPipeline):
             text_encoder=text_encoder,
             tokenizer=tokenizer,
         )
-        self.register_to_config(max_tokens=int(max_tokens))
+        self.register_to_config(
+            max_tokens=int(max_tokens),
+            prompt_sections=list(prompt_sections) if prompt_sections else None,
+        )
 
     @property
     def latent_factor(self) -> int:
@@ -70,11 +75,15 @@ class ChexGenPipeline(DiffusionPipeline):
         return vae_lib.downsample_factor(self.vae)
 
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings, mask) of ``prompts`` with the pipeline's frozen text encoder."""
+        """(embeddings, mask) of ``prompts`` with the pipeline's frozen text encoder, reading
+        only the report sections the model was trained on (``prompt_sections``)."""
+        from cxrfoundry.generate.features import prompt_text
+
+        sections = getattr(self.config, "prompt_sections", None)
         return diffusion.encode_prompts(
             self.text_encoder,
             self.tokenizer,
-            prompts,
+            [prompt_text(p, sections) for p in prompts],
             max_tokens=self.config.max_tokens,
             device=self._execution_device,
         )
@@ -82,8 +91,12 @@ class ChexGenPipeline(DiffusionPipeline):
     def encode_condition(self, control_image: Any, batch: int) -> torch.Tensor:
         """VAE latents of condition images (``H×W`` / ``B×H×W`` / ``B×1×H×W`` in [0, 1])."""
         image = torch.as_tensor(np.asarray(control_image), dtype=torch.float32)
-        while image.ndim < 4:
-            image = image.unsqueeze(0)
+        if image.ndim == 2:
+            image = image[None, None]
+        elif image.ndim == 3:
+            image = image.unsqueeze(1)  # a batch of H×W condition images
+        if image.ndim != 4 or image.shape[1] != 1:
+            raise ValueError(f"control_image must be H×W, B×H×W or B×1×H×W, got {image.shape}")
         image = image.to(self._execution_device)
         latents = vae_lib.encode(self.vae, image)
         if latents.shape[0] not in (1, batch):

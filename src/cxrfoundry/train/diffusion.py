@@ -430,6 +430,7 @@ def _pipeline(transformer: nn.Module, vae_dir: str | os.PathLike[str], features:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         max_tokens=features.index["max_tokens"],
+        prompt_sections=features.index.get("sections"),
     )
 
 
@@ -462,6 +463,16 @@ def train_ldm(
     channels, size, _ = features.index["latent_shape"]
     if init_from:
         model = PixArtTransformer2DModel.from_pretrained(init_from, subfolder="transformer")
+        old = int(model.config.sample_size)
+        if old != size:
+            # Larger latents (stage II): as in PixArt, the sin-cos grid is stretched over the
+            # same extent (interpolation_scale grows with the size), so the positions the
+            # transformer learned keep their meaning, and the saved pipeline samples at `size`.
+            scale = float(model.config.interpolation_scale or 1) * size / old
+            model = PixArtTransformer2DModel.from_pretrained(
+                init_from, subfolder="transformer", sample_size=size, interpolation_scale=scale
+            )
+            log.info("stage II: latent size %d -> %d, interpolation_scale %.3g", old, size, scale)
     else:
         model_cfg = {
             **dict(cfg.get("model") or {}),

@@ -6,9 +6,15 @@ the benchmark format of DESIGN.md section 3::
     {task, model, dataset, metric, value, ci_low, ci_high, n, per_class, details}
 
 ``value`` is the mean AUROC over findings (classification) or the mean Dice over structures
-(segmentation); the CI is a percentile bootstrap over test images. The backbone and the head
+(segmentation); the CI is a percentile bootstrap over test *patients*. The backbone and the head
 get separate learning rates (CXformer: head 5e-5, backbone 5e-7); a backbone lr of 0 freezes
 the backbone (linear probing).
+
+This module holds the training loop (:func:`fit`, :func:`predict`, :func:`load_split`) that
+every head in the project uses. The benchmark itself (data, model, scoring) is implemented
+once, in :mod:`cxrfoundry.eval.probe`; :func:`finetune_classification` and
+:func:`finetune_segmentation` (the DINO stage's ``finetune_cls`` / ``finetune_seg`` rules) call
+it and keep the DINO stage's record format (see docs/benchmarks.md, "One implementation").
 
 Images are decoded once into memory (uint8, at ``image_size``): right for the demo and for
 evaluation-sized test sets; fine-tuning on a full cluster corpus would stream from
@@ -34,8 +40,7 @@ from tqdm import tqdm
 from cxrfoundry import io as cio
 from cxrfoundry.data import imaging
 from cxrfoundry.data.dataset import ShardDataset
-from cxrfoundry.eval import heads
-from cxrfoundry.schema import FINDING_COLUMNS, FINDING_NAME_BY_COLUMN, MASK_BITS
+from cxrfoundry.schema import FINDING_NAME_BY_COLUMN
 from cxrfoundry.train import engine
 from cxrfoundry.train.augment import DEFAULT_MEAN, DEFAULT_STD, decode_image, equalize_histogram
 
@@ -194,17 +199,24 @@ def fit(
     device: torch.device,
     log_metrics: Callable[[Mapping[str, float], int], None] | None = None,
     desc: str = "finetune",
+    embeddings: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on (images, targets) for ``cfg["epochs"]``; seeded shuffles, cosine lr.
 
     With ``backbone_lr == 0`` the backbone is frozen: its embeddings are computed once and only
     the head trains on them (same result as re-running the frozen backbone, far cheaper).
+    ``embeddings`` passes them precomputed (:func:`embed_all` of this backbone on ``images``).
     """
     optimizer = _optimizer(model, cfg)
     autocast = engine.autocast_factory(device, cfg["precision"])
     frozen = cfg["backbone_lr"] <= 0
     size = tuple(images.shape[-2:])
-    inputs = embed_all(model, images, cfg, device) if frozen else images
+    if embeddings is not None and (not frozen or embeddings.shape[0] != images.shape[0]):
+        raise ValueError(f"{desc}: precomputed embeddings need a frozen backbone, one per image")
+    if frozen:
+        inputs = embed_all(model, images, cfg, device) if embeddings is None else embeddings
+    else:
+        inputs = images
     n = images.shape[0]
     batch = min(int(cfg["batch_size"]), n)
     steps_per_epoch = n // batch
@@ -268,6 +280,11 @@ def _backbone_name(backbone: str | Path | Mapping[str, Any]) -> str:
     return "random-init" if isinstance(backbone, Mapping) else str(backbone)
 
 
+def _replicates(values: np.ndarray) -> list[float | None]:
+    """Bootstrap replicates as JSON numbers (None where a replicate is undefined)."""
+    return [float(v) if np.isfinite(v) else None for v in np.asarray(values, dtype=float)]
+
+
 def finetune_classification(
     shards_dir: str | Path,
     backbone: str | Path | Mapping[str, Any],
@@ -282,84 +299,57 @@ def finetune_classification(
     """Train the CXformer classification head (BCE) and write test AUROC to ``out_json``.
 
     ``backbone``: an HF folder / hub id, or a random-init config (see
-    :func:`cxrfoundry.eval.heads.load_backbone`). ``cfg`` overrides :data:`CLS_DEFAULTS`.
-    Returns the metrics dict written.
+    :func:`cxrfoundry.eval.heads.load_backbone`). ``cfg`` overrides :data:`CLS_DEFAULTS`;
+    ``backbone_lr`` 0 is a linear probe on the frozen backbone, > 0 fine-tunes it. Training and
+    scoring are :func:`cxrfoundry.eval.probe.classification_benchmark` (the benchmarks stage's
+    implementation; CIs resample patients); this function keeps the DINO stage's record format
+    (``task`` ``cls``, per-finding AUROC as numbers, ``details.bootstrap_replicates`` for the
+    ablation's paired comparison). Returns the metrics dict written.
     """
+    from cxrfoundry.eval import probe
+
     cfg = _resolve(cfg, CLS_DEFAULTS, "finetune_cls")
-    findings = list(cfg["findings"] or FINDING_COLUMNS)
-    unknown = sorted(set(findings) - set(FINDING_COLUMNS))
-    if unknown:
-        raise ValueError(f"unknown finding columns {unknown}")
-    cols = [FINDING_COLUMNS.index(f) for f in findings]
-    engine.seed_everything(seed)
-    device = engine.init_distributed(cfg["device"]).device
-    load = {
-        "image_size": cfg["image_size"],
-        "equalize": cfg["equalize"],
-        "uncertain": cfg["uncertain"],
-        "unmentioned": cfg["unmentioned"],
-    }
-    train = load_split(shards_dir, cfg["train_split"], **load, max_rows=cfg["max_train_rows"])
-    test = load_split(shards_dir, cfg["test_split"], **load)
-    model = heads.ClassificationModel(
-        heads.load_backbone(backbone, seed=seed), len(cols), int(cfg["n_last_blocks"])
-    ).to(device)
-    y_train = train["labels"][:, cols]
-    w_train = train["valid"][:, cols].float()
-
-    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        y, w = target[..., 0], target[..., 1]
-        per = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="none")
-        return (per * w).sum() / w.sum().clamp(min=1)
-
-    fit_info = fit(
-        model,
-        loss_fn,
-        train["images"],
-        torch.stack([y_train, w_train], dim=-1),
-        cfg,
-        seed=seed,
-        device=device,
-        log_metrics=log_metrics,
-        desc="finetune cls",
+    mode = "linear" if cfg["backbone_lr"] <= 0 else "finetune"
+    run = probe.classification_benchmark(
+        shards_dir, backbone, {**cfg, "mode": mode}, seed=seed, log_metrics=log_metrics
     )
-    scores = torch.sigmoid(predict(model, test["images"], cfg, device)).numpy()
-    labels = test["labels"][:, cols].numpy()
-    valid = test["valid"][:, cols].numpy()
-    per_class = heads.auroc_per_class(scores, labels, valid)
-    value = heads.mean_auroc(scores, labels, valid)
-    replicates = heads.bootstrap_replicates(
-        lambda idx: heads.mean_auroc(scores[idx], labels[idx], valid[idx]),
-        len(scores),
-        n_boot=int(cfg["bootstrap"]),
-        seed=seed,
-    )
-    ci = heads.percentile_ci(replicates)
+    res = run.result
     result = {
         "task": "cls",
         "model": model_name,
         "dataset": dataset or Path(shards_dir).name,
         "metric": "auroc_mean",
-        "value": value,
-        "ci_low": ci[0],
-        "ci_high": ci[1],
-        "n": len(scores),
+        "value": res.macro_auroc.value,
+        "ci_low": res.macro_auroc.ci_low,
+        "ci_high": res.macro_auroc.ci_high,
+        "n": res.n,
         "per_class": {
-            FINDING_NAME_BY_COLUMN[f]: v for f, v in zip(findings, per_class, strict=True)
+            FINDING_NAME_BY_COLUMN[f]: res.auroc[FINDING_NAME_BY_COLUMN[f]].value
+            for f in run.columns
         },
+        "n_patients": res.n_patients,
+        "ci_method": "percentile bootstrap over patients",
         "details": {
             "backbone": _backbone_name(backbone),
-            "n_train": int(train["images"].shape[0]),
-            "classes_scored": int(sum(v is not None for v in per_class)),
-            **fit_info,
+            "mode": mode,
+            "n_train": run.n_train,
+            "classes_scored": int(sum(e.value is not None for e in res.auroc.values())),
+            **run.fit,
             "config": cfg,
             "seed": seed,
-            # Same (n, bootstrap, seed) => same resamples: pairs with another model's replicates.
-            "bootstrap_replicates": replicates,
+            # Same (test patients, bootstrap, seed) => same resamples: these pair with another
+            # model's replicates (train.dino.summarize_ablation's paired CI).
+            "bootstrap_replicates": _replicates(res.replicates["macro_auroc"]),
         },
     }
     cio.write_json(out_json, result)
-    log.info("cls %s: mean AUROC %.4f (%s)", model_name, value, ci)
+    log.info(
+        "cls %s: mean AUROC %s [%s, %s]",
+        model_name,
+        result["value"],
+        result["ci_low"],
+        result["ci_high"],
+    )
     return result
 
 
@@ -376,73 +366,43 @@ def finetune_segmentation(
 ) -> dict[str, Any]:
     """Train the linear segmentation head (BCE + Dice) on the ``mask`` column; write test Dice.
 
-    Rows without a mask are left out of training and scoring (their count is reported). Returns
-    the metrics dict written to ``out_json``.
+    Training and scoring are :func:`cxrfoundry.eval.probe.segmentation_benchmark` with the
+    linear 1x1 head (``backbone_lr`` 0 freezes the backbone); the record keeps the DINO stage's
+    format (``task`` ``seg``, Dice per structure as numbers). Rows without a mask are left out
+    of training and scoring (their count is reported). Returns the metrics dict written.
     """
+    from cxrfoundry.eval import probe
+
     cfg = _resolve(cfg, SEG_DEFAULTS, "finetune_seg")
-    structures = list(cfg["structures"])
-    unknown = sorted(set(structures) - set(MASK_BITS))
-    if unknown:
-        raise ValueError(f"unknown structures {unknown}; expected some of {sorted(MASK_BITS)}")
-    bits = torch.tensor([MASK_BITS[s] for s in structures], dtype=torch.uint8).view(1, -1, 1, 1)
-    engine.seed_everything(seed)
-    device = engine.init_distributed(cfg["device"]).device
-    load = {"image_size": cfg["image_size"], "equalize": cfg["equalize"], "with_masks": True}
-    splits = {}
-    for name, split, cap in (
-        ("train", cfg["train_split"], cfg["max_train_rows"]),
-        ("test", cfg["test_split"], None),
-    ):
-        data = load_split(shards_dir, split, **load, max_rows=cap)
-        keep = data["has_mask"]
-        if not keep.any():
-            raise ValueError(f"{shards_dir}: split {split!r} has no rows with a mask")
-        splits[name] = {
-            "images": data["images"][keep],
-            "targets": (data["masks"][keep].unsqueeze(1) & bits) > 0,
-            "no_mask": int((~keep).sum()),
-        }
-    model = heads.SegmentationModel(heads.load_backbone(backbone, seed=seed), len(structures))
-    model = model.to(device)
-    fit_info = fit(
-        model,
-        lambda logits, target: heads.segmentation_loss(logits, target, cfg["dice_weight"]),
-        splits["train"]["images"],
-        splits["train"]["targets"],
-        cfg,
-        seed=seed,
-        device=device,
+    mode = "linear" if cfg["backbone_lr"] <= 0 else "finetune"
+    run = probe.segmentation_benchmark(
+        shards_dir, backbone, {**cfg, "mode": mode, "head": "linear"}, seed=seed,
         log_metrics=log_metrics,
-        desc="finetune seg",
-    )
-    logits = predict(model, splits["test"]["images"], cfg, device)
-    dice = heads.dice_per_image(logits > 0, splits["test"]["targets"]).numpy()  # (N, S)
-    value = float(dice.mean())
-    replicates = heads.bootstrap_replicates(
-        lambda idx: float(dice[idx].mean()), len(dice), n_boot=int(cfg["bootstrap"]), seed=seed
-    )
-    ci = heads.percentile_ci(replicates)
+    )  # fmt: skip
+    res = run.result
     result = {
         "task": "seg",
         "model": model_name,
         "dataset": dataset or Path(shards_dir).name,
         "metric": "dice_mean",
-        "value": value,
-        "ci_low": ci[0],
-        "ci_high": ci[1],
-        "n": len(dice),
-        "per_class": {s: float(dice[:, j].mean()) for j, s in enumerate(structures)},
+        "value": res.mean.value,
+        "ci_low": res.mean.ci_low,
+        "ci_high": res.mean.ci_high,
+        "n": res.n,
+        "per_class": {s: res.per_structure[s].value for s in run.structures},
+        "n_patients": res.n_patients,
+        "ci_method": "percentile bootstrap over patients",
         "details": {
             "backbone": _backbone_name(backbone),
-            "n_train": int(splits["train"]["images"].shape[0]),
-            "rows_without_mask": {k: v["no_mask"] for k, v in splits.items()},
-            **fit_info,
+            "mode": mode,
+            "n_train": run.n_train,
+            "rows_without_mask": run.rows_without_mask,
+            **run.fit,
             "config": cfg,
             "seed": seed,
-            # Same (n, bootstrap, seed) => same resamples: pairs with another model's replicates.
-            "bootstrap_replicates": replicates,
+            "bootstrap_replicates": _replicates(res.replicates),
         },
     }
     cio.write_json(out_json, result)
-    log.info("seg %s: mean Dice %.4f %s", model_name, value, result["per_class"])
+    log.info("seg %s: mean Dice %s %s", model_name, result["value"], result["per_class"])
     return result
