@@ -143,15 +143,25 @@ def bench_utility_corpora():
     return sorted(c for c, roles in BENCH_COHORTS.items() if "augment" in roles)
 
 
-def bench_fairness_corpora():
-    """Corpora of the fairness audit (benchmarks.fairness.corpora, else benchmarks.corpora)."""
-    corpora = BENCH["fairness"]["corpora"]
+def _bench_sub_corpora(block):
+    """benchmarks.{block}.corpora (configured corpora), else benchmarks.corpora."""
+    corpora = BENCH[block]["corpora"]
     if corpora is None:
         return bench_corpora()
     unknown = sorted(set(corpora) - set(CORPORA))
     if unknown:
-        raise ValueError(f"benchmarks.fairness.corpora names unknown corpora {unknown}")
+        raise ValueError(f"benchmarks.{block}.corpora names unknown corpora {unknown}")
     return list(corpora)
+
+
+def bench_fairness_corpora():
+    """Corpora of the fairness audit (benchmarks.fairness.corpora, else benchmarks.corpora)."""
+    return _bench_sub_corpora("fairness")
+
+
+def bench_segment_corpora():
+    """Corpora of the segmentation benchmark (benchmarks.segment.corpora, else .corpora)."""
+    return _bench_sub_corpora("segment")
 
 
 def benchmark_metric_targets():
@@ -165,6 +175,8 @@ def benchmark_metric_targets():
                 f"results/benchmarks/{model}/probe_{mode}.{corpus}.json"
                 for mode in BENCH["probe"]["modes"]
             ]
+    for corpus in bench_segment_corpora():
+        for model in BENCH["models"]:
             out += [
                 f"results/benchmarks/{model}/seg_{head}.{corpus}.json"
                 for head in BENCH["segment"]["heads"]

@@ -389,10 +389,13 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if old != new else []
 
 
-def job_key(wildcards: Mapping[str, Any]) -> str:
-    """The record key of a job (wildcard values joined by ``__``; ``all`` without wildcards)."""
-    values = [str(v).replace("/", "_") for v in wildcards.values()]
-    return "__".join(values) if values else "all"
+def job_identity(wildcards: Mapping[str, Any]) -> str:
+    """A job's identity within its rule, independent of wildcard order.
+
+    Records store their wildcards as JSON with sorted keys while Snakemake lists them in the
+    output pattern's order, so both sides are compared as ``name=value`` pairs sorted by name.
+    """
+    return "&".join(f"{k}={wildcards[k]}" for k in sorted(wildcards)) or "all"
 
 
 def find_stale(
@@ -404,7 +407,7 @@ def find_stale(
 ) -> None:
     """Flag records whose code or params differ from what the workflow would use now.
 
-    ``current_params`` maps ``(rule, job key)`` to the params the current workflow gives that
+    ``current_params`` maps ``(rule, job_identity)`` to the params the current workflow gives that
     job; records of jobs the workflow no longer has are reported as warnings.
     """
     if code_hash is None:
@@ -439,7 +442,7 @@ def find_stale(
                     )
         if current_params is None:
             continue
-        key = (record["rule"], job_key(record.get("wildcards") or {}))
+        key = (record["rule"], job_identity(record.get("wildcards") or {}))
         if key not in current_params:
             report.findings.append(
                 Finding(
@@ -512,7 +515,7 @@ def snakemake_current_params(
 
     Runs Snakemake's Python API in a subprocess (its global state and logging stay out of the
     caller), builds the DAG of ``targets`` (default: the workflow's default target) without
-    executing anything, and returns ``{(rule, job key): params}``.
+    executing anything, and returns ``{(rule, job_identity): params}``.
     """
     workdir = Path(workdir).resolve()
     snakefile = Path(snakefile or workdir / "Snakefile").resolve()
@@ -528,7 +531,7 @@ def snakemake_current_params(
                 f"{proc.stderr.strip()[-3000:]}"
             )
         jobs = json.loads(out.read_text())
-    return {(j["rule"], job_key(j["wildcards"])): j["params"] for j in jobs}
+    return {(j["rule"], job_identity(j["wildcards"])): j["params"] for j in jobs}
 
 
 # --------------------------------------------------------------------------------- the audit

@@ -15,6 +15,7 @@ import pytest
 from cxrfoundry.audit import (
     audit,
     reproduce,
+    job_identity,
     snakemake_current_params,
     write_report,
 )
@@ -89,9 +90,9 @@ def chain(tmp_path: Path) -> tuple[Path, dict]:
     _record(root, "benchmark_table", "all", {}, ["results/shards/main"],
             ["results/benchmarks/summary.csv"], params["benchmark_table"])  # fmt: skip
     current = {
-        ("download", "demo"): params["download"],
-        ("ingest", "demo"): params["ingest"],
-        ("shard", "main"): params["shard"],
+        ("download", "dataset=demo"): params["download"],
+        ("ingest", "dataset=demo"): params["ingest"],
+        ("shard", "corpus=main"): params["shard"],
         ("benchmark_table", "all"): params["benchmark_table"],
     }
     return root, current
@@ -138,7 +139,7 @@ def test_flipped_byte_fails_naming_the_file(chain, tmp_path: Path, victim: str, 
 
 def test_changed_param_is_stale_naming_the_param(chain) -> None:
     root, current = chain
-    current[("shard", "main")] = {**current[("shard", "main")], "image_size": 128}
+    current[("shard", "corpus=main")] = {**current[("shard", "corpus=main")], "image_size": 128}
     report = audit(root, current_params=current)
     assert report.ok  # stale is reported, not failed
     (finding,) = report.stale
@@ -150,8 +151,8 @@ def test_changed_param_is_stale_naming_the_param(chain) -> None:
 
 def test_nested_param_change_is_named_by_its_path(chain) -> None:
     root, current = chain
-    current[("download", "demo")] = {
-        **current[("download", "demo")],
+    current[("download", "dataset=demo")] = {
+        **current[("download", "dataset=demo")],
         "source": {"type": "phantom", "n": 3},
     }
     report = audit(root, current_params=current)
@@ -196,7 +197,7 @@ def test_input_that_differs_from_its_producers_output_fails(chain) -> None:
 def test_missing_record_breaks_the_chain(chain) -> None:
     root, current = chain
     (root / "results/provenance/ingest/demo.json").unlink()
-    del current[("ingest", "demo")]
+    del current[("ingest", "dataset=demo")]
     report = audit(root, current_params=current)
     (err,) = report.errors
     assert err.kind == "broken_chain" and err.path == "results/manifests/demo.parquet"
@@ -248,7 +249,7 @@ def test_snakemake_params_and_reproduce(tmp_path: Path) -> None:
         cwd=wf, check=True, capture_output=True, timeout=180,
     )  # fmt: skip
     current = snakemake_current_params(wf, targets=["results/upper/x.txt"])
-    assert current == {("upper", "x"): {"suffix": "!"}}
+    assert current == {("upper", "name=x"): {"suffix": "!"}}
     # The audit reads the current params from the workflow itself.
     assert audit(wf, check_raw=False).ok
 
@@ -302,3 +303,14 @@ def test_compare_within_tolerance_numbers_tensors_and_timing(tmp_path: Path) -> 
     assert not compare_within_tolerance(base, loss, 1e-4, 1e-5)[0]
     fewer = model(tmp_path / "e", w, {"samples_per_s": 10.0, "wall_s": 3.0})
     assert not compare_within_tolerance(base, fewer, 1e-4, 1e-5)[0]
+
+
+def test_job_identity_ignores_wildcard_order():
+    # Records keep wildcards as sorted JSON; Snakemake lists them in output-pattern order.
+    assert job_identity({"model": "dino", "mode": "linear", "corpus": "demo"}) == job_identity(
+        {"corpus": "demo", "mode": "linear", "model": "dino"}
+    )
+    assert job_identity({"model": "a", "corpus": "b"}) != job_identity(
+        {"model": "b", "corpus": "a"}
+    )
+    assert job_identity({}) == "all"

@@ -70,6 +70,21 @@ def test_ms_ssim_of_identical_images_is_one_and_lower_for_different():
     assert Q.pairwise_ms_ssim(groups[None], cfg)[0] < same[0]
 
 
+def test_ms_ssim_scales_follow_the_image_size():
+    betas = Q.QUALITY_DEFAULTS["ms_ssim"]["betas"]
+    assert Q.ms_ssim_betas(betas, 256, 1.5) == pytest.approx(betas)  # all 5 scales
+    four = Q.ms_ssim_betas(betas, 128, 1.5)
+    assert four == pytest.approx([0.0517, 0.3295, 0.3462, 0.2726], abs=2e-4)
+    assert sum(four) == pytest.approx(sum(betas))
+    assert len(Q.ms_ssim_betas(betas, 64, 1.5)) == 3
+    with pytest.raises(ValueError, match="too small"):
+        Q.ms_ssim_betas(betas, 8, 1.5)
+    # The 5-scale defaults on 64 px images: fewer scales, not torchmetrics' padding error.
+    images = _images(n=4, size=64)
+    value = Q.pairwise_ms_ssim(images[None], Q.QUALITY_DEFAULTS["ms_ssim"])
+    assert 0 < value[0] < 1
+
+
 def test_weighted_pearson_matches_numpy_and_bootstraps():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 3))

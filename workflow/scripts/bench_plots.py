@@ -7,7 +7,7 @@ from cxrfoundry import io as cio
 from cxrfoundry.eval import metrics, plots
 from cxrfoundry.pipeline import Step
 
-with Step(snakemake, track=False) as step:
+with Step(snakemake) as step:
     out = Path(snakemake.output[0])
     rule = snakemake.rule
     if rule == "utility_plot":
@@ -23,3 +23,4 @@ with Step(snakemake, track=False) as step:
         plots.ablation_figure(records, out, dino_ablation=dino or None)
     else:
         raise ValueError(f"bench_plots.py does not handle rule {rule!r}")
+    step.log_artifact(out)

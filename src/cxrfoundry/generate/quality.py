@@ -88,7 +88,8 @@ QUALITY_DEFAULTS: dict[str, Any] = {
     "diversity_prompts": 16,
     "diversity_seeds": 4,
     # The standard 5-scale MS-SSIM (Gaussian window of sigma 1.5, i.e. 11 px) needs images
-    # larger than 160 px; smaller ones take fewer scales (the first weights, renormalised).
+    # larger than 160 px; smaller ones take fewer scales (the first weights, renormalised:
+    # :func:`ms_ssim_betas`).
     "ms_ssim": {"sigma": 1.5, "betas": [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]},
     "untrained": True,
     "noise": True,
@@ -438,13 +439,40 @@ def weighted_pearson(x: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], np.
     return stat
 
 
+def _ms_ssim_window(sigma: float) -> int:
+    return int(3.5 * sigma + 0.5) * 2 + 1  # the Gaussian window torchmetrics uses
+
+
+def ms_ssim_betas(betas: Sequence[float], size: int, sigma: float) -> list[float]:
+    """The MS-SSIM scale weights usable at image side ``size``: the first ``n`` of ``betas``,
+    renormalised to their original sum, for the largest ``n`` that torchmetrics accepts (its
+    size checks, and a coarsest scale wider than the window's reflect padding).
+
+    Raises ``ValueError`` when not even one scale fits.
+    """
+    window = _ms_ssim_window(sigma)
+    betas = [float(b) for b in betas]
+    for n in range(len(betas), 0, -1):
+        fits = (
+            size >= 2**n
+            and size // max(1, n - 1) ** 2 > window - 1
+            and size // 2 ** (n - 1) > window // 2
+        )
+        if fits:
+            head = betas[:n]
+            return [b * sum(betas) / sum(head) for b in head]
+    raise ValueError(f"MS-SSIM: {size} px images are too small for a {window} px window")
+
+
 def pairwise_ms_ssim(groups: torch.Tensor, cfg: Mapping[str, Any]) -> np.ndarray:
-    """Mean MS-SSIM over the pairs of images within each group ``(G, k, S, S)`` (uint8)."""
+    """Mean MS-SSIM over the pairs of images within each group ``(G, k, S, S)`` (uint8), with
+    as many of ``cfg["betas"]`` scales as the image size allows (:func:`ms_ssim_betas`)."""
     from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 
     k = groups.shape[1]
     sigma = float(cfg["sigma"])
-    window = int(3.5 * sigma + 0.5) * 2 + 1  # the Gaussian window torchmetrics uses
+    window = _ms_ssim_window(sigma)
+    betas = ms_ssim_betas(cfg["betas"], min(groups.shape[-2:]), sigma)
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     x = groups.float().unsqueeze(2) / 255.0  # (G, k, 1, S, S)
     a = torch.cat([x[:, i] for i, _ in pairs])
@@ -455,7 +483,7 @@ def pairwise_ms_ssim(groups: torch.Tensor, cfg: Mapping[str, Any]) -> np.ndarray
         data_range=1.0,
         sigma=sigma,
         kernel_size=window,  # with a Gaussian kernel only its size check reads this
-        betas=tuple(cfg["betas"]),
+        betas=tuple(betas),
         reduction="none",
     )
     return values.view(len(pairs), -1).mean(0).double().numpy()
@@ -665,7 +693,7 @@ def evaluate(
         "ms_ssim_real_pairs": float(real_div.mean()),
         "prompts": n_prompts,
         "seeds_per_prompt": k,
-        "settings": ms_cfg,
+        "settings": {**ms_cfg, "betas_used": ms_ssim_betas(ms_cfg["betas"], size, ms_cfg["sigma"])},
     }
 
     # ---- ControlNet mask adherence
