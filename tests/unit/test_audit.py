@@ -14,8 +14,8 @@ import pytest
 
 from cxrfoundry.audit import (
     audit,
-    reproduce,
     job_identity,
+    reproduce,
     snakemake_current_params,
     write_report,
 )
