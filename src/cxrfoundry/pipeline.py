@@ -125,7 +125,7 @@ def job_key(wildcards: Mapping[str, str]) -> str:
 class Step:
     """Context manager wrapping one Snakemake job (see the module docstring)."""
 
-    def __init__(self, smk: Any, *, track: bool | None = None) -> None:
+    def __init__(self, smk: Any) -> None:
         self.smk = smk
         self.rule = str(smk.rule)
         self.wildcards = {k: str(v) for k, v in dict(smk.wildcards.items()).items()}
@@ -135,7 +135,7 @@ class Step:
         self.modules: tuple[str, ...] = tuple(code.get("modules", ()))
         self.code_sha256: str | None = code.get("sha256")
         mlflow_cfg = self.config.get("mlflow", {})
-        self.track = mlflow_cfg.get("enabled", True) if track is None else track
+        self.track = mlflow_cfg.get("enabled", True)
         self.run: tracking.Run | None = None
         self.started = 0.0
         self.metrics: dict[str, Any] = {}

@@ -162,9 +162,9 @@ def test_changed_param_is_flagged_naming_the_param(run_copy, tmp_path):
     assert {r for r in by_record if "/synthesize_cohort/" not in r} == {
         "results/provenance/shard/demo.json"
     }
-    for record, cohort_finding in by_record.items():
-        assert cohort_finding.kind == "stale_params"
-        assert cohort_finding.details["params"][0].endswith("settings.row_group_size"), record
+    for record, stale in by_record.items():
+        assert stale.kind == "stale_params"
+        assert stale.details["params"][0].endswith("settings.row_group_size"), record
     finding = by_record["results/provenance/shard/demo.json"]
     assert finding.details["params"] == ["settings.row_group_size"]
     assert finding.details["recorded"] == {"settings.row_group_size": 16}
