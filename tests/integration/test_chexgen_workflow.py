@@ -89,6 +89,9 @@ def test_generation_quality_follows_the_metrics_contract(mini_run):
     assert 0 < record["diversity"]["ms_ssim_synthetic"]["value"] <= 1
     assert record["controlnet"]["n"] > 0
     assert 0 <= record["controlnet"]["dice_mean"]["value"] <= 1
+    assert 0 <= record["controlnet"]["dice_mismatched_masks"]["value"] <= 1
+    gain = record["controlnet"]["mask_specific_gain"]
+    assert gain["ci_low"] <= gain["value"] <= gain["ci_high"]
     assert set(record["per_class"]) >= {"Cardiomegaly", "Pleural Effusion"}
     grid = mini_run / "results/plots/chexgen/real_vs_synthetic.png"
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

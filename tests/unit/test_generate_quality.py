@@ -85,6 +85,19 @@ def test_ms_ssim_scales_follow_the_image_size():
     assert 0 < value[0] < 1
 
 
+@pytest.mark.parametrize("n", [2, 3, 17])
+def test_derangement_moves_every_index_deterministically(n):
+    out = Q.derangement(n, seed=5)
+    assert sorted(out.tolist()) == list(range(n))
+    assert (out != np.arange(n)).all()
+    assert (out == Q.derangement(n, seed=5)).all()
+
+
+def test_derangement_of_one_item_fails():
+    with pytest.raises(ValueError, match="derangement of 1"):
+        Q.derangement(1, seed=0)
+
+
 def test_weighted_pearson_matches_numpy_and_bootstraps():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 3))

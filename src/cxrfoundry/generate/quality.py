@@ -758,6 +758,16 @@ def real_shards_split(shards: str | os.PathLike[str], split: str) -> list[Path]:
     return list_shards(shards, split)
 
 
+def derangement(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation of ``range(n)`` (n > 1) that moves every index."""
+    if n < 2:
+        raise ValueError(f"no derangement of {n} item(s)")
+    order = np.random.default_rng(seed).permutation(n)
+    out = np.empty(n, dtype=np.int64)
+    out[order] = np.roll(order, 1)
+    return out
+
+
 def _mask_adherence(
     segmenter_dir, controlnet_cohort, plain_cohort, plain, size, device, cfg, seed
 ) -> dict[str, Any]:
@@ -774,7 +784,8 @@ def _mask_adherence(
     ctl = ctl.subset(keep)
     s = int(ssettings["image_size"])
     target = mask_targets(resize_masks(ctl.masks, s), structures)
-    dice = heads.dice_per_image(segment(segmenter, ssettings, ctl.images, device), target).numpy()
+    pred_ctl = segment(segmenter, ssettings, ctl.images, device)
+    dice = heads.dice_per_image(pred_ctl, target).numpy()
     result = M.dice_metrics(
         dice,
         ctl.patient_ids,
@@ -788,6 +799,23 @@ def _mask_adherence(
         "per_structure": result.per_class(),
         "n": result.n,
     }
+    # The same outputs against another image's mask: if the model follows its own mask rather
+    # than average anatomy, Dice drops; the paired drop is the mask-specific adherence.
+    if len(keep) > 1:
+        other = torch.from_numpy(derangement(len(keep), seed))
+        swapped = heads.dice_per_image(pred_ctl, target[other]).numpy()
+        mismatched = M.dice_metrics(
+            swapped, ctl.patient_ids, structures, n_boot=int(cfg["bootstrap"]), seed=seed
+        )
+        specific, _ = M.bootstrap_statistic(
+            M.weighted_mean_statistic((dice - swapped).mean(axis=1)),
+            ctl.patient_ids,
+            n_boot=int(cfg["bootstrap"]),
+            seed=seed,
+            alpha=float(cfg["alpha"]),
+        )
+        out["dice_mismatched_masks"] = mismatched.mean.as_dict()
+        out["mask_specific_gain"] = specific.as_dict()
     # The same sources without control: how much of the overlap the masks themselves add.
     src_ctl = _cohort_rows(controlnet_cohort, ["image_id", "source_image_id"])
     src_of = dict(zip(src_ctl["image_id"], src_ctl["source_image_id"], strict=True))
