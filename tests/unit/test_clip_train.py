@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from cxrfoundry import io as cio
 from cxrfoundry.eval.retrieval import _chance, recall_at_k, retrieval_eval
-from cxrfoundry.eval.zeroshot import zeroshot_eval
+from cxrfoundry.eval.zeroshot import finding_prompts, zeroshot_eval, zeroshot_scores
 from cxrfoundry.train.clip import resolve_config, train_clip
 
 from .clip_shards import TINY_MODEL, write_tiny_shards
@@ -150,6 +150,36 @@ def test_eval_records(shards: Path, trained: tuple[Path, dict], tmp_path: Path) 
         "chance_R10",
     }
     assert rt["per_class"]["image_to_text_R10"] >= rt["per_class"]["image_to_text_R5"]
+
+
+def test_prompt_templates_fill_and_fail_clearly() -> None:
+    pos, neg = finding_prompts("Pleural Effusion")
+    assert "there is pleural effusion." in pos and "no evidence of pleural effusion." in neg
+    one = {"positive": ["{finding}"], "negative": ["no {finding}"]}
+    assert finding_prompts("Edema", one) == (["Edema"], ["no Edema"])
+    with pytest.raises(ValueError, match="unknown field"):
+        finding_prompts("Edema", {"positive": ["{name}"], "negative": ["no"]})
+    with pytest.raises(ValueError, match="no 'negative' template"):
+        finding_prompts("Edema", {"positive": ["{finding}"]})
+
+
+def test_ensemble_of_one_template_is_that_prompt(trained: tuple[Path, dict]) -> None:
+    """A one-template 'ensemble' scores exactly like the plain prompt pair; a real ensemble
+    scores differently (it is not silently ignored)."""
+    from cxrfoundry.models.clip import CLIPModel
+
+    model = CLIPModel.from_pretrained(trained[0]).eval()
+    images = torch.nn.functional.normalize(torch.randn(6, int(model.config["embed_dim"])), dim=-1)
+    one = {"positive": ["{finding}"], "negative": ["no {finding}"]}
+    with torch.no_grad():
+        tok = model.tokenize(["Edema", "no Edema"])
+        text = torch.nn.functional.normalize(model.encode_text(**tok).float(), dim=-1)
+        pair = float(model.scale()) * images @ text.t()
+    expected = torch.softmax(pair, dim=-1)[:, 0].numpy()
+    got = zeroshot_scores(model, images, ["Edema"], one)[:, 0]
+    assert got == pytest.approx(expected, abs=1e-6)
+    ensemble = zeroshot_scores(model, images, ["Edema"])[:, 0]
+    assert abs(ensemble - expected).max() > 1e-4
 
 
 def test_recall_and_chance() -> None:

@@ -17,6 +17,7 @@ with Step(snakemake) as step:
         n_boot=s["n_boot"],
         seed=snakemake.params.seed,
         model_name="clip",
+        prompts=s.get("prompts"),
     )
     step.log_metrics(
         {

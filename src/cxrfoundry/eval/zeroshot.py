@@ -1,7 +1,11 @@
 """Zero-shot findings classification with a CLIP model (CheXficient's protocol).
 
-For every finding the text tower embeds the prompt pair ``"{finding}"`` / ``"no {finding}"``;
-an image's score is the softmax over the pair of its (scaled) similarities, positive side. Per
+For every finding the text tower embeds a positive and a negative prompt: by default CLIP's
+prompt ensemble, the mean of the normalised embeddings of a few templates
+(:data:`DEFAULT_PROMPTS`: ``"{finding}."``, ``"there is {finding}."``, … against ``"no
+{finding}."``, ``"there is no {finding}."``, …), which on the demo's validation split beat the
+single pair ``"{finding}"`` / ``"no {finding}"`` (docs/clip.md). An image's score is the
+softmax over the pair of its (scaled) similarities, positive side. Per
 finding, AUROC over the eval split's images (label 1 = positive; 0 or unmentioned = negative;
 uncertain = left out of that finding), and the mean over findings that have at least
 ``min_per_class`` positives and negatives. The confidence interval is a percentile bootstrap
@@ -21,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
@@ -81,18 +86,54 @@ def encode_split(
     return torch.cat(images), torch.cat(texts), table
 
 
-def prompt_pair(finding: str) -> tuple[str, str]:
-    """The (positive, negative) prompts of ``finding``."""
-    return finding, f"no {finding}"
+#: Prompt templates (``{finding}``: the name as written, ``{lower}``: lower case). Chosen on the
+#: demo's *validation* split among single pairs and ensembles (docs/clip.md, "Zero-shot prompts").
+DEFAULT_PROMPTS: dict[str, tuple[str, ...]] = {
+    "positive": ("{lower}.", "there is {lower}.", "findings consistent with {lower}."),
+    "negative": ("no {lower}.", "there is no {lower}.", "no evidence of {lower}."),
+}
+
+
+def finding_prompts(
+    finding: str, templates: Mapping[str, Sequence[str]] | None = None
+) -> tuple[list[str], list[str]]:
+    """The (positive, negative) prompt lists of ``finding`` from ``templates``."""
+    templates = templates or DEFAULT_PROMPTS
+    out = []
+    for side in ("positive", "negative"):
+        side_templates = list(templates.get(side) or ())
+        if not side_templates:
+            raise ValueError(f"zero-shot prompts: no {side!r} template")
+        try:
+            out.append([t.format(finding=finding, lower=finding.lower()) for t in side_templates])
+        except (KeyError, IndexError) as exc:
+            raise ValueError(
+                f"zero-shot prompts: template in {side_templates} uses an unknown field {exc}; "
+                "only {finding} and {lower} exist"
+            ) from None
+    return out[0], out[1]
 
 
 @torch.no_grad()
-def zeroshot_scores(model: Any, images: torch.Tensor, findings: Sequence[str]) -> np.ndarray:
-    """(N, F) positive-prompt probabilities of normalised image embeddings ``images``."""
-    prompts = [p for f in findings for p in prompt_pair(f)]
+def _prompt_embedding(model: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """Unit-norm mean of the unit-norm text embeddings of ``prompts`` (CLIP's ensemble)."""
     device = next(model.parameters()).device
-    tok = model.tokenize(prompts)
+    tok = model.tokenize(list(prompts))
     text = model.encode_text(**{k: v.to(device) for k, v in tok.items()}).float().cpu()
+    return F.normalize(F.normalize(text, dim=-1).mean(0), dim=0)
+
+
+@torch.no_grad()
+def zeroshot_scores(
+    model: Any,
+    images: torch.Tensor,
+    findings: Sequence[str],
+    templates: Mapping[str, Sequence[str]] | None = None,
+) -> np.ndarray:
+    """(N, F) positive-prompt probabilities of normalised image embeddings ``images``."""
+    text = torch.stack(
+        [_prompt_embedding(model, side) for f in findings for side in finding_prompts(f, templates)]
+    )  # (2F, D): positive, negative per finding
     logits = float(model.scale()) * images @ text.t()  # (N, 2F)
     pair = logits.view(images.shape[0], len(findings), 2)
     return torch.softmax(pair, dim=-1)[..., 0].numpy()
@@ -145,8 +186,13 @@ def zeroshot_eval(
     model_name: str = "clip",
     batch_size: int = 64,
     device: str = "auto",
+    prompts: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """Zero-shot AUROC per finding and their mean; writes ``out_path`` and returns the record."""
+    """Zero-shot AUROC per finding and their mean; writes ``out_path`` and returns the record.
+
+    ``prompts``: ``{"positive": [...], "negative": [...]}`` templates (default
+    :data:`DEFAULT_PROMPTS`).
+    """
     from cxrfoundry.models.clip import CLIPModel
 
     names = [f for f in (findings or FINDING_NAMES) if f not in set(exclude)]
@@ -158,9 +204,13 @@ def zeroshot_eval(
     images, _, table = encode_split(
         model, shards_dir, split, batch_size=batch_size, device=_device(device), columns=cols
     )
-    scores = zeroshot_scores(model, images, names)
+    scores = zeroshot_scores(model, images, names, prompts)
     per_class: dict[str, float | None] = {}
-    details: dict[str, Any] = {"prompts": {f: list(prompt_pair(f)) for f in names}, "counts": {}}
+    details: dict[str, Any] = {
+        "prompts": {f: dict(zip(("positive", "negative"), finding_prompts(f, prompts), strict=True))
+                    for f in names},
+        "counts": {},
+    }  # fmt: skip
     labels, valid, used = {}, {}, []
     for j, (name, col) in enumerate(zip(names, cols, strict=True)):
         raw = np.array([np.nan if v is None else v for v in table.column(col).to_pylist()])
