@@ -2,8 +2,8 @@
 
 For every finding the text tower embeds a positive and a negative prompt: by default CLIP's
 prompt ensemble, the mean of the normalised embeddings of a few templates
-(:data:`DEFAULT_PROMPTS`: ``"{finding}."``, ``"there is {finding}."``, … against ``"no
-{finding}."``, ``"there is no {finding}."``, …), which on the demo's validation split beat the
+(:data:`DEFAULT_PROMPTS`: ``"edema."``, ``"there is edema."``, … against ``"no edema."``,
+``"there is no edema."``, …), which on the demo's validation split beat the
 single pair ``"{finding}"`` / ``"no {finding}"`` (docs/clip.md). An image's score is the
 softmax over the pair of its (scaled) similarities, positive side. Per
 finding, AUROC over the eval split's images (label 1 = positive; 0 or unmentioned = negative;
@@ -206,11 +206,11 @@ def zeroshot_eval(
     )
     scores = zeroshot_scores(model, images, names, prompts)
     per_class: dict[str, float | None] = {}
-    details: dict[str, Any] = {
-        "prompts": {f: dict(zip(("positive", "negative"), finding_prompts(f, prompts), strict=True))
-                    for f in names},
-        "counts": {},
-    }  # fmt: skip
+    used_prompts = {}
+    for name in names:
+        positive, negative = finding_prompts(name, prompts)
+        used_prompts[name] = {"positive": positive, "negative": negative}
+    details: dict[str, Any] = {"prompts": used_prompts, "counts": {}}
     labels, valid, used = {}, {}, []
     for j, (name, col) in enumerate(zip(names, cols, strict=True)):
         raw = np.array([np.nan if v is None else v for v in table.column(col).to_pylist()])

@@ -805,7 +805,12 @@ def _mask_adherence(
         other = torch.from_numpy(derangement(len(keep), seed))
         swapped = heads.dice_per_image(pred_ctl, target[other]).numpy()
         mismatched = M.dice_metrics(
-            swapped, ctl.patient_ids, structures, n_boot=int(cfg["bootstrap"]), seed=seed
+            swapped,
+            ctl.patient_ids,
+            structures,
+            n_boot=int(cfg["bootstrap"]),
+            seed=seed,
+            alpha=float(cfg["alpha"]),
         )
         specific, _ = M.bootstrap_statistic(
             M.weighted_mean_statistic((dice - swapped).mean(axis=1)),
