@@ -1,9 +1,10 @@
 """Fixtures for the tests that run on a real single-node Slurm cluster (marker ``slurm``).
 
-The ``slurm_cluster`` fixture installs Slurm with apt if needed, starts munged, slurmctld and
-slurmd on localhost with two fake GPUs, and stops every daemon it started at the end of the
-session. Where that is impossible (not root, no apt, a daemon fails) the tests are skipped with
-the reason. Set ``CXRF_REQUIRE_SLURM=1`` (CI does) to turn that skip into a failure.
+The ``slurm_cluster`` fixture installs Slurm with apt if needed, starts munged, MariaDB and
+slurmdbd (accounting, where they install), slurmctld and slurmd on localhost with two fake GPUs,
+and stops every daemon it started at the end of the session. Where that is impossible (not
+root, no apt, a daemon fails) the tests are skipped with the reason. Set
+``CXRF_REQUIRE_SLURM=1`` (CI does) to turn that skip into a failure.
 """
 
 from __future__ import annotations

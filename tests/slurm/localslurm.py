@@ -13,8 +13,13 @@ place because the Snakemake job step drops ``SLURM_CONF`` (with every ``SLURM_*`
 before its inner ``srun``. An existing ``/etc/slurm/slurm.conf`` that is not such a link (a real
 site's) is never replaced: ``up`` refuses instead. Fake GPUs are character devices made with
 ``mknod`` (Slurm's GRES plugin ignores plain files and bare ``Count=``); jobs that ask for
-``--gpus`` get ``CUDA_VISIBLE_DEVICES`` like on a real GPU node. No accounting daemon runs, so
-status checks must use ``squeue`` (``MinJobAge`` is long enough for that).
+``--gpus`` get ``CUDA_VISIBLE_DEVICES`` like on a real GPU node.
+
+Accounting: where ``mariadb-server`` and ``slurmdbd`` can be installed, the cluster also runs a
+private MariaDB (its own data folder, TCP on 127.0.0.1 only) and ``slurmdbd``, so ``sacct``
+works as on a site with accounting, and both status commands (``squeue`` and ``sacct``) can be
+tested. Where they cannot, the cluster runs without accounting (``accounting`` is then False)
+and only ``squeue`` works; ``MinJobAge`` is long enough for it either way.
 
 Only daemons this module started are ever stopped, by their recorded process ids; a munged
 that was already running (e.g. a system service) is reused and left alone.
@@ -43,6 +48,10 @@ DEFAULT_DIR = Path(os.environ.get("CXRF_SLURM_DIR", "/tmp/cxrfoundry-slurm"))
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 SYSTEM_CONF_DIR = Path("/etc/slurm")
+#: The accounting database: a private MariaDB on loopback (ports away from a system MySQL's).
+DB_PORT = 3397
+DBD_PORT = 6819
+DB_USER, DB_PASS, DB_NAME = "slurm", "cxrfoundry-test", "slurm_acct_db"
 #: Partitions of the test cluster: ``cpu`` is the default, ``gpu`` has the same node.
 PARTITIONS = ("cpu", "gpu")
 
@@ -87,6 +96,26 @@ def ensure_installed(allow_apt: bool = True) -> None:
             raise SlurmUnavailable(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")
 
 
+def ensure_accounting_installed(allow_apt: bool = True) -> bool:
+    """Install mariadb-server and slurmdbd with apt if missing; False where that fails."""
+    needed = ["/usr/sbin/slurmdbd", "/usr/sbin/mariadbd", "/usr/bin/mariadb-install-db"]
+    if all(Path(b).exists() for b in needed):
+        return True
+    if os.geteuid() != 0 or not allow_apt or not shutil.which("apt-get"):
+        return False
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    log.info("installing mariadb-server and slurmdbd with apt-get (accounting)")
+    install = ["apt-get", "install", "-y", "mariadb-server", "slurmdbd"]
+    proc = _run(install, timeout=600, env=env)
+    if proc.returncode != 0:  # stale package lists: refresh once
+        _run(["apt-get", "update"], timeout=600, env=env)
+        proc = _run(install, timeout=600, env=env)
+    if proc.returncode != 0:
+        log.warning("no accounting: apt-get install failed: %s", proc.stderr.strip()[-500:])
+        return False
+    return all(Path(b).exists() for b in needed)
+
+
 def _node_hardware() -> tuple[int, int]:
     """(CPUs, RealMemory MB) as slurmd sees them."""
     proc = _run(["slurmd", "-C"])
@@ -105,6 +134,8 @@ class LocalSlurm:
     gpus: int = 2
     virtual_cpus: int = 32
     virtual_mem_mb: int = 256_000
+    #: Run MariaDB + slurmdbd (sacct works); set to False by ``up`` where they cannot run.
+    accounting: bool = True
     started: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -126,7 +157,7 @@ class LocalSlurm:
         host = socket.gethostname().split(".")[0]
         cpus, mem = _node_hardware()
         etc, dev = self.root / "etc", self.root / "dev"
-        for sub in ("etc", "dev", "spool/ctld", "spool/d", "log", "run"):
+        for sub in ("etc", "dev", "spool/ctld", "spool/d", "log", "run", "db"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         for i in range(self.gpus):
             node = dev / f"gpu{i}"
@@ -161,7 +192,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=1000
-AccountingStorageType=accounting_storage/none
+{self._accounting_conf()}
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 # squeue status checks need finished jobs visible for >= 3x the status interval.
@@ -184,7 +215,34 @@ PartitionName=gpu Nodes={host} Default=NO MaxTime=INFINITE State=UP
 """
         (etc / "slurm.conf").write_text(conf)
         (etc / "gres.conf").write_text(f"Name=gpu Type=fake File={gres_files}\n")
+        if self.accounting:
+            dbd = etc / "slurmdbd.conf"
+            dbd.write_text(f"""# Written by tests/slurm/localslurm.py: test cluster accounting.
+AuthType=auth/munge
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort={DBD_PORT}
+SlurmUser=root
+PidFile={self.root}/run/slurmdbd.pid
+LogFile={self.root}/log/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort={DB_PORT}
+StorageUser={DB_USER}
+StoragePass={DB_PASS}
+StorageLoc={DB_NAME}
+""")
+            dbd.chmod(0o600)  # slurmdbd refuses a config others can read (it holds a password)
         self._link_system_conf()
+
+    def _accounting_conf(self) -> str:
+        if not self.accounting:
+            return "AccountingStorageType=accounting_storage/none"
+        return (
+            "AccountingStorageType=accounting_storage/slurmdbd\n"
+            "AccountingStorageHost=127.0.0.1\n"
+            f"AccountingStoragePort={DBD_PORT}"
+        )
 
     def _link_system_conf(self) -> None:
         SYSTEM_CONF_DIR.mkdir(parents=True, exist_ok=True)
@@ -244,6 +302,59 @@ PartitionName=gpu Nodes={host} Default=NO MaxTime=INFINITE State=UP
         self.started["munged"] = proc.pid
         self._save()
         self._wait(self._munge_works, 15, "munged", log_file)
+
+    def _db_works(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", DB_PORT), 1):
+            return True
+        return False
+
+    def _start_database(self) -> None:
+        """A private MariaDB for slurmdbd: own data folder and socket, loopback TCP only."""
+        db, run = self.root / "db", self.root / "run"
+        if not (db / "mysql").is_dir():
+            proc = _run(
+                ["mariadb-install-db", "--no-defaults", f"--datadir={db}", "--user=root",
+                 "--skip-test-db", "--auth-root-authentication-method=socket"],
+                timeout=120,
+            )  # fmt: skip
+            if proc.returncode != 0:
+                raise SlurmUnavailable(f"mariadb-install-db failed: {proc.stderr[-1000:]}")
+        init = self.root / "etc" / "db-init.sql"
+        init.write_text(
+            "".join(
+                f"CREATE USER IF NOT EXISTS '{DB_USER}'@'{host}' IDENTIFIED BY '{DB_PASS}';\n"
+                f"GRANT ALL ON {DB_NAME}.* TO '{DB_USER}'@'{host}';\n"
+                for host in ("127.0.0.1", "localhost")
+            )
+        )
+        init.chmod(0o600)
+        self._start(
+            "mariadbd",
+            ["--no-defaults", f"--datadir={db}", f"--socket={run}/mysqld.sock",
+             f"--port={DB_PORT}", "--bind-address=127.0.0.1", "--user=root",
+             f"--init-file={init}", f"--pid-file={run}/mariadbd.pid",
+             f"--log-error={self.root}/log/mariadbd.log", "--skip-log-bin",
+             "--innodb-buffer-pool-size=64M"],
+        )  # fmt: skip
+        self._wait(self._db_works, 60, "mariadbd", self.root / "log" / "mariadbd.log")
+
+    def _dbd_works(self) -> bool:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return self._client("sacctmgr", "-n", "list", "cluster", timeout=5).returncode == 0
+        return False
+
+    def _start_accounting(self) -> None:
+        if "mariadbd" not in self.started:
+            self._start_database()
+        if "slurmdbd" not in self.started:
+            self._start("slurmdbd", ["-D"])
+        self._wait(self._dbd_works, 60, "slurmdbd", self.root / "log" / "slurmdbd.log")
+        # slurmctld registers its cluster on start too, but only once slurmdbd knows it.
+        listed = self._client("sacctmgr", "-n", "-P", "list", "cluster", "format=cluster")
+        if "cxrfoundry" not in listed.stdout.split():
+            add = self._client("sacctmgr", "-i", "add", "cluster", "cxrfoundry", timeout=30)
+            if add.returncode != 0:
+                raise SlurmUnavailable(f"sacctmgr add cluster failed: {add.stderr or add.stdout}")
 
     def _start(self, name: str, args: list[str]) -> None:
         log_path = self.root / "log" / f"{name}.stderr"
@@ -306,15 +417,21 @@ PartitionName=gpu Nodes={host} Default=NO MaxTime=INFINITE State=UP
         if os.geteuid() != 0:
             raise SlurmUnavailable("starting slurmctld/slurmd/munged needs root")
         ensure_installed(allow_apt)
+        if self.accounting and not ensure_accounting_installed(allow_apt):
+            log.warning("mariadb-server/slurmdbd unavailable: cluster without accounting")
+            self.accounting = False
         previous = {k: v for k, v in self._load().items() if _alive(v)}
         if self.conf.exists() and {"slurmctld", "slurmd"} <= previous.keys() and self.ready():
             log.info("cluster in %s already up; reusing it", self.root)
+            self.accounting = "slurmdbd" in previous
             self.started = {}
             return False
         self.started = previous
         try:
             self.write_config()
             self._start_munge()
+            if self.accounting:
+                self._start_accounting()
             if "slurmctld" not in self.started:
                 # -c: ignore saved state, -i: ignore errors reading it; -D: stay in foreground
                 # so the recorded pid is the daemon's.
@@ -340,7 +457,7 @@ PartitionName=gpu Nodes={host} Default=NO MaxTime=INFINITE State=UP
                         break
                     time.sleep(0.5)
         # slurmd first so it does not spin reconnecting, munged last (slurm needs it to talk).
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in ("slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"):
             pid = pids.get(name)
             if not pid or not _alive(pid):
                 continue

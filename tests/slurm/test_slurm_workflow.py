@@ -116,6 +116,31 @@ def test_trivial_workflow_through_sbatch(slurm_cluster, tmp_path: Path) -> None:
     _check_trivial(tmp_path)
 
 
+def test_status_through_sacct_where_accounting_runs(slurm_cluster, tmp_path: Path) -> None:
+    """On a cluster with accounting (slurmdbd), `--slurm-status-command sacct` works too, and
+    every job is in the accounting database as COMPLETED."""
+    if not slurm_cluster.accounting:
+        message = "the test cluster runs without accounting (mariadb-server/slurmdbd missing)"
+        if os.environ.get("CXRF_REQUIRE_SLURM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    (tmp_path / "Snakefile").write_text(TRIVIAL)
+    proc, _ = _run(
+        [*SNAKEMAKE, "--profile", str(PROFILE), *FAST_STATUS, "--jobs", "2",
+         "--slurm-status-command", "sacct"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "using 'squeue'" not in proc.stdout + proc.stderr  # the plugin did not fall back
+    _check_trivial(tmp_path)
+    for name in ("cpu.txt", "gpu.txt"):
+        job = _parse(tmp_path / name)["job"]
+        proc = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        assert proc.stdout.split() == ["COMPLETED"], (name, job, proc.stdout, proc.stderr)
+
+
 def test_installed_profile_by_name(slurm_cluster, tmp_path: Path) -> None:
     """`cxrfoundry install-profile` then the literal `snakemake --profile slurm`."""
     config_home = tmp_path / "config"
