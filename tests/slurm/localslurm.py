@@ -79,21 +79,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _apt_install(packages: list[str]) -> str | None:
+    """``apt-get install -y packages`` (refreshing the package lists first if that fails);
+    ``None`` on success, else the error text."""
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", *packages]
+    proc = _run(install, timeout=600, env=env)
+    if proc.returncode != 0:  # missing or stale package lists
+        _run(["apt-get", "update"], timeout=600, env=env)
+        proc = _run(install, timeout=600, env=env)
+    return None if proc.returncode == 0 else f"{' '.join(install)}: {proc.stderr.strip()[-2000:]}"
+
+
+def _can_apt(allow_apt: bool) -> bool:
+    return os.geteuid() == 0 and allow_apt and shutil.which("apt-get") is not None
+
+
 def ensure_installed(allow_apt: bool = True) -> None:
     """Install slurm-wlm and munge with apt if their daemons are missing."""
     needed = ["slurmctld", "slurmd", "munged", "sbatch", "squeue"]
     if all(shutil.which(b) or Path(f"/usr/sbin/{b}").exists() for b in needed):
         return
-    if os.geteuid() != 0:
-        raise SlurmUnavailable("slurm-wlm/munge are not installed and this is not root")
-    if not allow_apt or not shutil.which("apt-get"):
-        raise SlurmUnavailable("slurm-wlm/munge are not installed and apt-get is unavailable")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if not _can_apt(allow_apt):
+        raise SlurmUnavailable("slurm-wlm/munge are not installed and apt-get cannot run here")
     log.info("installing slurm-wlm and munge with apt-get")
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "slurm-wlm", "munge"]):
-        proc = _run(cmd, timeout=600, env=env)
-        if proc.returncode != 0:
-            raise SlurmUnavailable(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")
+    error = _apt_install(["slurm-wlm", "munge"])
+    if error:
+        raise SlurmUnavailable(f"failed: {error}")
 
 
 def ensure_accounting_installed(allow_apt: bool = True) -> bool:
@@ -101,17 +113,12 @@ def ensure_accounting_installed(allow_apt: bool = True) -> bool:
     needed = ["/usr/sbin/slurmdbd", "/usr/sbin/mariadbd", "/usr/bin/mariadb-install-db"]
     if all(Path(b).exists() for b in needed):
         return True
-    if os.geteuid() != 0 or not allow_apt or not shutil.which("apt-get"):
+    if not _can_apt(allow_apt):
         return False
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     log.info("installing mariadb-server and slurmdbd with apt-get (accounting)")
-    install = ["apt-get", "install", "-y", "mariadb-server", "slurmdbd"]
-    proc = _run(install, timeout=600, env=env)
-    if proc.returncode != 0:  # stale package lists: refresh once
-        _run(["apt-get", "update"], timeout=600, env=env)
-        proc = _run(install, timeout=600, env=env)
-    if proc.returncode != 0:
-        log.warning("no accounting: apt-get install failed: %s", proc.stderr.strip()[-500:])
+    error = _apt_install(["mariadb-server", "slurmdbd"])
+    if error:
+        log.warning("no accounting: %s", error)
         return False
     return all(Path(b).exists() for b in needed)
 

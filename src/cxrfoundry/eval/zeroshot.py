@@ -115,25 +115,23 @@ def finding_prompts(
 
 
 @torch.no_grad()
-def _prompt_embedding(model: Any, prompts: Sequence[str]) -> torch.Tensor:
-    """Unit-norm mean of the unit-norm text embeddings of ``prompts`` (CLIP's ensemble)."""
-    device = next(model.parameters()).device
-    tok = model.tokenize(list(prompts))
-    text = model.encode_text(**{k: v.to(device) for k, v in tok.items()}).float().cpu()
-    return F.normalize(F.normalize(text, dim=-1).mean(0), dim=0)
-
-
-@torch.no_grad()
 def zeroshot_scores(
     model: Any,
     images: torch.Tensor,
     findings: Sequence[str],
     templates: Mapping[str, Sequence[str]] | None = None,
 ) -> np.ndarray:
-    """(N, F) positive-prompt probabilities of normalised image embeddings ``images``."""
-    text = torch.stack(
-        [_prompt_embedding(model, side) for f in findings for side in finding_prompts(f, templates)]
-    )  # (2F, D): positive, negative per finding
+    """(N, F) positive-prompt probabilities of normalised image embeddings ``images``.
+
+    Each side's embedding is the unit-norm mean of its prompts' unit-norm embeddings (CLIP's
+    ensemble); every prompt is encoded in one batch.
+    """
+    sides = [side for f in findings for side in finding_prompts(f, templates)]  # pos, neg, ...
+    device = next(model.parameters()).device
+    tok = model.tokenize([p for side in sides for p in side])
+    text = model.encode_text(**{k: v.to(device) for k, v in tok.items()}).float().cpu()
+    per_side = torch.split(F.normalize(text, dim=-1), [len(side) for side in sides])
+    text = F.normalize(torch.stack([e.mean(0) for e in per_side]), dim=-1)  # (2F, D)
     logits = float(model.scale()) * images @ text.t()  # (N, 2F)
     pair = logits.view(images.shape[0], len(findings), 2)
     return torch.softmax(pair, dim=-1)[..., 0].numpy()

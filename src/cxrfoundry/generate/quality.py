@@ -786,14 +786,8 @@ def _mask_adherence(
     target = mask_targets(resize_masks(ctl.masks, s), structures)
     pred_ctl = segment(segmenter, ssettings, ctl.images, device)
     dice = heads.dice_per_image(pred_ctl, target).numpy()
-    result = M.dice_metrics(
-        dice,
-        ctl.patient_ids,
-        structures,
-        n_boot=int(cfg["bootstrap"]),
-        seed=seed,
-        alpha=float(cfg["alpha"]),
-    )
+    boot = {"n_boot": int(cfg["bootstrap"]), "seed": seed, "alpha": float(cfg["alpha"])}
+    result = M.dice_metrics(dice, ctl.patient_ids, structures, **boot)
     out: dict[str, Any] = {
         "dice_mean": result.mean.as_dict(),
         "per_structure": result.per_class(),
@@ -803,24 +797,15 @@ def _mask_adherence(
     # than average anatomy, Dice drops; the paired drop is the mask-specific adherence.
     if len(keep) > 1:
         other = torch.from_numpy(derangement(len(keep), seed))
-        swapped = heads.dice_per_image(pred_ctl, target[other]).numpy()
-        mismatched = M.dice_metrics(
-            swapped,
-            ctl.patient_ids,
-            structures,
-            n_boot=int(cfg["bootstrap"]),
-            seed=seed,
-            alpha=float(cfg["alpha"]),
-        )
-        specific, _ = M.bootstrap_statistic(
-            M.weighted_mean_statistic((dice - swapped).mean(axis=1)),
-            ctl.patient_ids,
-            n_boot=int(cfg["bootstrap"]),
-            seed=seed,
-            alpha=float(cfg["alpha"]),
-        )
-        out["dice_mismatched_masks"] = mismatched.mean.as_dict()
-        out["mask_specific_gain"] = specific.as_dict()
+        swapped = heads.dice_per_image(pred_ctl, target[other]).numpy().mean(axis=1)
+        for key, values in (
+            ("dice_mismatched_masks", swapped),
+            ("mask_specific_gain", dice.mean(axis=1) - swapped),
+        ):
+            estimate, _ = M.bootstrap_statistic(
+                M.weighted_mean_statistic(values), ctl.patient_ids, **boot
+            )
+            out[key] = estimate.as_dict()
     # The same sources without control: how much of the overlap the masks themselves add.
     src_ctl = _cohort_rows(controlnet_cohort, ["image_id", "source_image_id"])
     src_of = dict(zip(src_ctl["image_id"], src_ctl["source_image_id"], strict=True))
@@ -837,9 +822,7 @@ def _mask_adherence(
         a_idx, b_idx = map(np.asarray, zip(*pairs, strict=True))
         pred = segment(segmenter, ssettings, plain.images[torch.from_numpy(b_idx)], device)
         base = heads.dice_per_image(pred, target[torch.from_numpy(a_idx)]).numpy()
-        ref = M.dice_metrics(
-            base, ctl.patient_ids[a_idx], structures, n_boot=int(cfg["bootstrap"]), seed=seed
-        )
+        ref = M.dice_metrics(base, ctl.patient_ids[a_idx], structures, **boot)
         out["dice_without_control"] = ref.mean.as_dict()
         out["per_structure_without_control"] = ref.per_class()
     return out
