@@ -29,6 +29,7 @@ from cxrfoundry.data import imaging
 from cxrfoundry.data.dataset import (
     ShardDataset,
     ShardIterableDataset,
+    _BufferPool,
     decode_pixels,
     list_shards,
     to_float,
@@ -578,6 +579,58 @@ def test_threaded_batches_equal_collated_samples(
     first = next(iter(ds))
     _assert_batches_equal(first, default_collate(_chunks(samples, 4)[0]))
     assert [b["image_id"] for b in ds] == [b["image_id"] for b in batches]
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_batch_memory_is_reused_only_once_released(
+    written: tuple[Path, dict], threads: int
+) -> None:
+    out, _ = written
+    common = {"seed": 3, "buffer_size": 6, "batch_size": 3, "shuffle": True}
+    samples = list(ShardIterableDataset(out, **{**common, "batch_size": None}))
+    expected = [default_collate(chunk)["image"] for chunk in _chunks(samples, 3)]
+    assert len(expected) >= 6
+    ds = ShardIterableDataset(out, decode_threads=threads, **common)
+    kept: dict[int, torch.Tensor] = {}
+    views: dict[int, torch.Tensor] = {}
+    arrays: dict[int, np.ndarray] = {}
+    pointers = []
+    for k, batch in enumerate(ds):
+        image = batch["image"]
+        pointers.append(image.data_ptr())
+        # Whatever still refers to a batch's memory keeps it from being reused.
+        if k % 4 == 0:
+            kept[k] = image
+        elif k % 4 == 1:
+            views[k] = image[:, :, 1:, :2]
+        elif k % 4 == 2:
+            arrays[k] = image.numpy()
+        del batch, image
+    for k, image in kept.items():
+        assert torch.equal(image, expected[k]), k
+    for k, view in views.items():
+        assert torch.equal(view, expected[k][:, :, 1:, :2]), k
+    for k, array in arrays.items():
+        assert np.array_equal(array, expected[k].numpy()), k
+    # ... and released batches are reused (fewer distinct buffers than batches).
+    assert len(set(pointers)) < len(pointers)
+
+
+def test_buffer_pool_bounds_what_it_keeps() -> None:
+    pool = _BufferPool(2)
+    held = [pool.tensor((2, 3), torch.float32) for _ in range(3)]
+    assert len({t.data_ptr() for t in held}) == 3  # all busy: fresh memory each time
+    assert len(pool.arrays) == 2
+    ptr = held[0].data_ptr()
+    del held[0]
+    again = pool.tensor((2, 3), torch.float32)
+    assert again.data_ptr() == ptr
+    other = pool.tensor((4, 3), torch.uint8)  # another shape while all are busy
+    assert other.dtype == torch.uint8 and tuple(other.shape) == (4, 3)
+    assert len(pool.arrays) == 2
+    del held, again, other
+    wide = pool.tensor((1, 5), torch.uint16)  # a free buffer makes room for a new shape
+    assert wide.dtype == torch.uint16 and len(pool.arrays) == 2
 
 
 def test_threaded_batches_keep_transform_order(written: tuple[Path, dict]) -> None:
