@@ -29,7 +29,9 @@ decodes each batch on a pool of N threads inside the reading process (Pillow rel
 while it decodes PNG/JPEG), each thread writing its images straight into the preallocated batch
 tensor by index, the next batches decoding while the current one is consumed. With
 ``num_workers=0`` nothing crosses a process boundary: no shared-memory segment per batch, no
-pickling, and float images (``normalize=True``) cost no more to deliver than uint8.
+pickling, and float images (``normalize=True``) cost no more to deliver than uint8. In this
+process, a batch's memory is reused for a later batch once nothing refers to it any more (no
+tensor, view or array over it), so a consumer that keeps batches never sees them change.
 """
 
 from __future__ import annotations
