@@ -746,9 +746,10 @@ class ShardIterableDataset(IterableDataset):
             self._set_decode_threads(available_cores())
         if num_workers > 0 and prefetch_factor is not None:
             kwargs["prefetch_factor"] = prefetch_factor
-        # Items are finished batches (or samples) of tensors and lists already: the default
-        # (default_convert) only walks every string of every batch, ~30 µs per image.
-        kwargs.setdefault("collate_fn", _as_is)
+        if batched:
+            # Items are finished batches of tensors and lists already: the default
+            # (default_convert) only walks every string of every batch, ~30 µs per image.
+            kwargs.setdefault("collate_fn", _as_is)
         return DataLoader(
             self,
             batch_size=None,
