@@ -1,8 +1,8 @@
 """DINO recipe search on the demo corpus: pretrain with a patch over ``dino.pretrain``, probe on
 val and test.
 
-Each recipe is a patch over the config's ``dino.pretrain`` block (one level of dict merge, as
-the rows of docs/dino.md's "Recipe search" table were run). The recipe is *chosen on the
+Each recipe is a patch over the config's ``dino.pretrain`` block, merged as the workflow merges
+its ablation variants (:func:`cxrfoundry.config.deep_merge`). The recipe is *chosen on the
 validation split*; the test figure is reported beside it and is not used for the choice.
 ``random`` scores the same architecture randomly initialised (the baseline). One JSON line per
 recipe goes to ``--out``; recipes already there (same name and seed) are skipped, so an
@@ -15,7 +15,6 @@ interrupted search picks up where it stopped.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 
+from cxrfoundry.config import deep_merge
 from cxrfoundry.train.dino import train_dino
 from cxrfoundry.train.finetune import finetune_classification
 
@@ -32,7 +32,6 @@ _PREVIOUS = {
     "loss_weights": {"ibot": 1.0, "koleo": 0.1},
     "masking": {"probability": 0.5, "ratio": [0.1, 0.5]},
 }
-_CHOSEN_MASKS = {"probability": 1.0, "ratio": [0.3, 0.7]}
 _MASK_ALL = {"probability": 1.0, "ratio": [0.2, 0.5]}
 
 #: The rows of docs/dino.md's table: name -> patch over the committed ``dino.pretrain``.
@@ -61,20 +60,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def patched(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``patch`` applied, dict values merged one level deep."""
-    out = copy.deepcopy(base)
-    for key, value in patch.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = {**out[key], **value}
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def run_recipe(name: str, args: argparse.Namespace, dino_cfg: dict[str, Any]) -> dict[str, Any]:
     """Pretrain recipe ``name`` (unless it is ``random``) and probe it on val and test."""
-    pretrain = patched(dino_cfg["pretrain"], RECIPES[name])
+    pretrain = deep_merge(dino_cfg["pretrain"], RECIPES[name])
     work = args.work / f"{name}_seed{args.seed}"
     start = time.perf_counter()
     if name == "random":

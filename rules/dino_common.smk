@@ -1,5 +1,5 @@
 # Config helpers of the CXformer stage (rules/dino.smk): models, inputs and default targets.
-import copy
+from cxrfoundry.config import deep_merge
 
 DINO = config.get("dino", {})
 DINO_VARIANTS = sorted(DINO.get("variants", {}))
@@ -9,23 +9,12 @@ def dino_enabled():
     return bool(DINO.get("enabled", False))
 
 
-def _dino_merge(base, patch):
-    """base with patch applied (nested dicts merged, other values replaced)."""
-    out = copy.deepcopy(dict(base))
-    for key, value in (patch or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _dino_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def dino_pretrain_config(wildcards):
     """train_dino config of a DINO model: dino.pretrain, patched for an ablation variant."""
     name = wildcards.dino_model
     if name == "dino":
         return DINO.get("pretrain", {})
-    return _dino_merge(DINO.get("pretrain", {}), DINO["variants"][name[len("dino_") :]])
+    return deep_merge(DINO.get("pretrain", {}), DINO["variants"][name[len("dino_") :]])
 
 
 def dino_shards(wildcards=None):

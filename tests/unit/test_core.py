@@ -1,4 +1,5 @@
-"""Unit tests of the shared core: schema contracts, atomic io, provenance, secrets, data audit."""
+"""Unit tests of the shared core: schema contracts, atomic io, config merging, provenance, secrets,
+data audit."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pyarrow as pa
 import pytest
 
 from cxrfoundry import io, provenance, schema
+from cxrfoundry.config import deep_merge
 from cxrfoundry.data.audit import ConservationError, audit_data
 from cxrfoundry.pipeline import SecretFilter, file_digest, job_key, secret_values
 
@@ -178,3 +180,10 @@ def test_data_audit_names_a_broken_chain(tmp_path):
     with pytest.raises(ConservationError, match="d: filter_frontal read 89"):
         _audit(tmp_path)
     assert not (tmp_path / "audit.json").exists()
+
+
+def test_deep_merge_merges_nested_mappings_and_leaves_the_base_alone():
+    base = {"lr": 1.0, "augment": {"a": 1, "b": 2}}
+    out = deep_merge(base, {"augment": {"b": 3}, "epochs": 2})
+    assert out == {"lr": 1.0, "augment": {"a": 1, "b": 3}, "epochs": 2}
+    assert base == {"lr": 1.0, "augment": {"a": 1, "b": 2}}

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrfoundry import io as cio
+from cxrfoundry.config import deep_merge
 from cxrfoundry.data import imaging
 from cxrfoundry.eval import heads
 from cxrfoundry.eval import metrics as M
@@ -107,8 +108,6 @@ STRUCTURES = ("lungs", "heart")
 def resolve(cfg: Mapping[str, Any] | None, defaults: Mapping[str, Any], what: str) -> dict:
     """``defaults`` updated with ``cfg`` (nested mappings merged); unknown keys raise
     ``ValueError`` naming them."""
-    from cxrfoundry.models.clip import deep_merge
-
     cfg = dict(cfg or {})
     unknown = sorted(set(cfg) - set(defaults))
     if unknown:

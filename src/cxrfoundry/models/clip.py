@@ -20,7 +20,6 @@ Saved layout (:meth:`CLIPModel.save_pretrained`): ``vision/`` and ``text/`` in t
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxrfoundry.config import deep_merge
 from cxrfoundry.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -99,17 +99,6 @@ def select_sections(text: str, sections: Sequence[str] | None) -> str:
         if match.group(1).upper() in wanted:
             parts.append(" ".join(text[match.end() : end].split()))
     return " ".join(p for p in parts if p) or text
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Recursively merge ``override`` into a copy of ``base`` (mappings merge, values replace)."""
-    out = copy.deepcopy(dict(base))
-    for key, value in (override or {}).items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def resolve_name(name: str | None) -> str | None:

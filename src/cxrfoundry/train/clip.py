@@ -46,7 +46,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cxrfoundry import io as cio
-from cxrfoundry.models.clip import DEFAULT_MODEL_CONFIG, CLIPModel, deep_merge
+from cxrfoundry.config import deep_merge
+from cxrfoundry.models.clip import DEFAULT_MODEL_CONFIG, CLIPModel
 from cxrfoundry.models.losses import clip_loss, gather_no_grad, gather_with_grad
 from cxrfoundry.train import engine
 from cxrfoundry.train.curator import (
