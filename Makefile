@@ -22,6 +22,8 @@ demo: env
 	$(VENV)/bin/snakemake --cores $(CORES) --printshellcmds
 	# The HTML report (every benchmark figure and table, with CIs) from the finished run.
 	$(VENV)/bin/snakemake --report results/report.html
+	@# Job time per stage, from the provenance records (the audit's last section).
+	@sed -n '/^## Run time/,$$p' results/audit/audit.md
 	@echo "Demo finished: results are in $(CURDIR)/results (benchmark table:" \
 	      "results/benchmarks/summary.md, HTML report: results/report.html," \
 	      "models: results/models/, cohorts: results/cohorts/," \

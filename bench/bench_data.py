@@ -393,19 +393,30 @@ def timed(fn: Any) -> tuple[float, float]:
     return time.perf_counter() - wall, cpu_seconds() - cpu
 
 
-def best_pair(repeats: int, floor: Any, measured: Any) -> dict[str, tuple[float, float]]:
-    """Best (lowest) wall and CPU seconds of ``floor`` and ``measured`` over repeats.
+def best_pair(repeats: int, floor: Any, measured: Any) -> dict[str, Any]:
+    """Best (lowest) wall and CPU seconds of ``floor`` and ``measured`` over repeats, and the
+    median of the per-pair ratios.
 
     Interleaving (floor, measured, floor, measured, ...) spreads any drift in machine load
-    over both sides of a ratio instead of loading it onto whichever ran second.
+    over both sides of a ratio instead of loading it onto whichever ran second. The ratio of
+    each adjacent pair compares the two under the same conditions; their median is what the
+    targets are checked on, because best-of-N of each side rewards whichever side has the
+    larger spread (on a shared 2-vCPU machine the process-pool floor swings by ±12 % between
+    runs, the threaded reader by ±4 %), so a lucky floor run alone can move the ratio by 0.1.
     """
     floors, measures = [], []
     for _ in range(max(1, repeats)):
         floors.append(timed(floor))
         measures.append(timed(measured))
+    pairs = list(zip(floors, measures, strict=True))
     return {
         "floor": (min(t[0] for t in floors), min(t[1] for t in floors)),
         "measured": (min(t[0] for t in measures), min(t[1] for t in measures)),
+        "paired_median": {
+            basis: round(float(np.median([f[i] / m[i] for f, m in pairs])), 3)
+            for i, basis in enumerate(("wall", "cpu"))
+        },
+        "pairs": len(floors),
     }
 
 
@@ -429,7 +440,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             write_run(table, raw, tmp / f"out{k}", tmp / f"work{k}", settings, args)
 
         write = best_pair(
-            args.repeats, lambda: write_floor(paths, settings, args.workers), one_write
+            args.target_repeats, lambda: write_floor(paths, settings, args.workers), one_write
         )
         out = tmp / "out0"
 
@@ -494,7 +505,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         gil = gil_probe(images[0])
         read = best_pair(args.repeats, float_floor, lambda: threaded_read("float"))
-        read_raw = best_pair(args.repeats, uint8_floor, lambda: threaded_read("uint8"))
+        read_raw = best_pair(args.target_repeats, uint8_floor, lambda: threaded_read("uint8"))
         read_t2f = best_pair(args.repeats, float_floor, lambda: threaded_read("uint8_to_float"))
         read_proc = best_pair(args.repeats, float_floor, lambda: batch_read("float"))
         read_proc_raw = best_pair(args.repeats, uint8_floor, lambda: batch_read("uint8"))
@@ -530,6 +541,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "row_group_size": args.row_group_size,
             "shard_mb": args.shard_mb,
             "repeats": args.repeats,
+            "target_repeats": args.target_repeats,
             "read_epochs": args.read_epochs,
             "scale": args.scale,
             "cpus": os.cpu_count(),
@@ -539,6 +551,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "floor": rates(write["floor"], n),
             "shards": rates(write["measured"], n),
             "ratio": ratio(write["floor"], write["measured"]),
+            "ratio_paired_median": write["paired_median"],
+            "pairs": write["pairs"],
             "shards_written": len(files),
         },
         "read": {
@@ -550,6 +564,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "uint8_floor": rates(read_raw["floor"], n_read),
             "uint8_shards": rates(read_raw["measured"], n_read),
             "uint8_ratio": ratio(read_raw["floor"], read_raw["measured"]),
+            "uint8_ratio_paired_median": read_raw["paired_median"],
+            "uint8_pairs": read_raw["pairs"],
             "threads_uint8_to_float": rates(read_t2f["measured"], n_read),
             "threads_uint8_to_float_ratio": ratio(read_t2f["floor"], read_t2f["measured"]),
             "workers_uint8_to_float": rates(read_proc["measured"], n_read),
@@ -575,8 +591,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     basis = args.check_on
     results["passed"] = {
-        "write_ratio": results["write"]["ratio"][basis] >= TARGETS["write_ratio"],
-        "read_ratio": results["read"]["uint8_ratio"][basis] >= TARGETS["read_ratio"],
+        "write_ratio": results["write"]["ratio_paired_median"][basis] >= TARGETS["write_ratio"],
+        "read_ratio": results["read"]["uint8_ratio_paired_median"][basis] >= TARGETS["read_ratio"],
         "memory_ratio": results["memory"]["ratio"] <= TARGETS["memory_ratio"],
     }
     return results
@@ -598,11 +614,14 @@ def print_table(r: dict[str, Any]) -> None:
     lines = [
         f"bench_data: {c['images']} images {c['source_size']}px -> {c['size']}px PNG, "
         f"{c['workers']} workers, {c['cpus']} cpus (load {c['load_avg_1m']}), "
-        f"best of {c['repeats']}, {c['read_epochs']} read epochs",
+        f"best of {c['repeats']} ({c['target_repeats']} pairs for targets), "
+        f"{c['read_epochs']} read epochs",
         head,
         line("write: bare decode+resize+encode", w["floor"]),
-        line("write: write_shards", w["shards"], w["ratio"])
-        + f"  target >= {TARGETS['write_ratio']} ({r['checked_on']}): {ok['write_ratio']}",
+        line("write: write_shards", w["shards"], w["ratio"]),
+        line("write: median of paired ratios", w["shards"], w["ratio_paired_median"])
+        + f"  ({w['pairs']} pairs) target >= {TARGETS['write_ratio']} ({r['checked_on']}): "
+        + ok["write_ratio"],
         f"read: GIL probe: other threads ran during {rd['gil_probe']['decode']:.0%} of decode "
         f"calls (GIL-holding control: {rd['gil_probe']['python_control']:.0%})",
         line("read: bare decode floor (float [0,1])", rd["floor"]),
@@ -625,8 +644,10 @@ def print_table(r: dict[str, Any]) -> None:
         line("read: per-sample shards (float)", rd["per_sample"], rd["per_sample_ratio"]),
         line("read: DataLoader over PNG folder", rd["folder"]),
         line("read: bare decode floor, integer pixels", rd["uint8_floor"]),
-        line("read: threads, uint8 batches", rd["uint8_shards"], rd["uint8_ratio"])
-        + f"  target >= {TARGETS['read_ratio']} ({r['checked_on']}): {ok['read_ratio']}",
+        line("read: threads, uint8 batches", rd["uint8_shards"], rd["uint8_ratio"]),
+        line("read: median of paired ratios", rd["uint8_shards"], rd["uint8_ratio_paired_median"])
+        + f"  ({rd['uint8_pairs']} pairs) target >= {TARGETS['read_ratio']} "
+        + f"({r['checked_on']}): {ok['read_ratio']}",
         line("read: workers, uint8 batches", rd["workers_uint8"], rd["workers_uint8_ratio"]),
         line(
             "read: per-sample shards, normalize=False",
@@ -659,6 +680,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-mb", type=float, default=512.0, help="target shard size (MB)")
     parser.add_argument("--scale", type=int, default=10, help="memory test: N vs scale*N")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timings")
+    parser.add_argument(
+        "--target-repeats",
+        type=int,
+        default=7,
+        help="interleaved floor/measured pairs for the two targeted ratios (write, uint8 read)",
+    )
     parser.add_argument("--json", type=Path, help="write results as JSON here")
     parser.add_argument("--tmp", type=Path, help="scratch folder parent (default: system tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")

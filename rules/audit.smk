@@ -35,6 +35,7 @@ rule audit:
     conda:
         "../envs/cxrfoundry.yaml"
     params:
+        stages=rule_stages(),
         code=code("cxrfoundry.audit"),
     script:
         "../workflow/scripts/audit.py"

@@ -156,6 +156,29 @@ def all_targets():
     return pipeline_targets() + ["results/audit/audit.json"]
 
 
+# The stage each rules file belongs to, for the audit's run-time table; a rules file not
+# listed is its own stage.
+STAGE_OF_RULES_FILE = {
+    "download": "data",
+    "ingest": "data",
+    "views": "data",
+    "reports": "data",
+    "shards": "data",
+    "clip": "clip",
+    "dino": "dino",
+    "generate": "chexgen",
+    "benchmarks": "benchmarks",
+}
+
+
+def rule_stages():
+    """Rule name -> pipeline stage, for every rule defined so far."""
+    return {
+        r.name: STAGE_OF_RULES_FILE.get(Path(r.snakefile).stem, Path(r.snakefile).stem)
+        for r in workflow.rules
+    }
+
+
 def init_tracking():
     """Create the MLflow store once, before parallel jobs race to migrate it."""
     mlflow_cfg = config.get("mlflow", {})

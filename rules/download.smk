@@ -1,4 +1,6 @@
 # acquire: one job per dataset, raw files + a manifest of sizes and sha256.
+# Priority 2 on every data rule (download → shards): the data products of every dataset, and
+# their rejects, are finished before the model stages (priority 0-1) take the cores.
 
 
 rule download:
@@ -9,6 +11,7 @@ rule download:
         "logs/download/{dataset}.log",
     benchmark:
         "benchmarks/download/{dataset}.tsv"
+    priority: 2
     conda:
         "../envs/cxrfoundry.yaml"
     resources:

@@ -13,6 +13,7 @@ rule ingest:
         "logs/ingest/{dataset}.log",
     benchmark:
         "benchmarks/ingest/{dataset}.tsv"
+    priority: 2
     conda:
         "../envs/cxrfoundry.yaml"
     threads: 2

@@ -14,6 +14,7 @@ rule synthesize_reports:
         "logs/synthesize_reports/{dataset}.log",
     benchmark:
         "benchmarks/synthesize_reports/{dataset}.tsv"
+    priority: 2
     conda:
         "../envs/cxrfoundry.yaml"
     resources:

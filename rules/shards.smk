@@ -11,6 +11,7 @@ rule shard:
         "logs/shard/{corpus}.log",
     benchmark:
         "benchmarks/shard/{corpus}.tsv"
+    priority: 2
     conda:
         "../envs/cxrfoundry.yaml"
     threads: 8

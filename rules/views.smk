@@ -14,6 +14,7 @@ rule filter_frontal:
         "logs/filter_frontal/{dataset}.log",
     benchmark:
         "benchmarks/filter_frontal/{dataset}.tsv"
+    priority: 2
     conda:
         "../envs/cxrfoundry.yaml"
     params:

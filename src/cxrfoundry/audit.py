@@ -107,6 +107,8 @@ class AuditReport:
     raw_files_checked: int = 0
     findings: list[Finding] = field(default_factory=list)
     reproductions: list[dict[str, Any]] = field(default_factory=list)
+    #: Job wall time per pipeline stage, from the records (:func:`run_times`).
+    run_time: list[dict[str, Any]] = field(default_factory=list)
     #: Stale records fail the audit too (results must match the current code and config).
     strict: bool = False
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -146,6 +148,7 @@ class AuditReport:
             },
             "findings": [asdict(f) for f in self.findings],
             "reproductions": self.reproductions,
+            "run_time": self.run_time,
         }
 
     def to_markdown(self) -> str:
@@ -188,6 +191,8 @@ class AuditReport:
         if not self.findings:
             lines += ["No problems found: every output matches its record and every input is",
                       "traced to the record that produced it.", ""]  # fmt: skip
+        if self.run_time:
+            lines += run_time_markdown(self.run_time)
         return "\n".join(lines)
 
 
@@ -547,6 +552,7 @@ def audit(
     target: str | None = None,
     strict: bool = False,
     skip_rules: Collection[str] = (),
+    stages: Mapping[str, str] | None = None,
 ) -> AuditReport:
     """Audit the provenance records of the workflow run in ``workdir``.
 
@@ -558,6 +564,7 @@ def audit(
     audit only its ancestry. ``strict``: stale records fail the audit (a changed param or
     module means the results are not what the current workflow would produce). ``skip_rules``:
     leave out the records of these rules (the ``audit`` rule's previous record while it reruns).
+    ``stages``: rule -> pipeline stage, for the run-time table (:func:`run_times`).
     """
     root = Path(workdir).resolve()
     report = AuditReport(workdir=str(root), strict=strict)
@@ -571,6 +578,7 @@ def audit(
                 Finding("no_record", ERROR, "no provenance record produced this target", target)
             )
     report.records = len(records)
+    report.run_time = run_times(records, stages or {})
     if not records and target is None:
         report.findings.append(
             Finding("no_records", ERROR, f"no provenance records under {PROVENANCE_DIR}")
@@ -622,14 +630,17 @@ def ancestry(records: Mapping[str, Mapping[str, Any]], target: str) -> dict[str,
 
 
 def audit_to_files(
-    workdir: str | os.PathLike[str], out_dir: str | os.PathLike[str], rule: str = "audit"
+    workdir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    rule: str = "audit",
+    stages: Mapping[str, str] | None = None,
 ) -> dict:
     """The ``audit`` rule: audit the run in ``workdir`` and write its report; fail if not ok.
 
     The rule's own record from an earlier run is left out: this job is replacing it (Snakemake
     already deleted its outputs), and its inputs are being rebuilt by this very run.
     """
-    report = audit(workdir, check_params=False, skip_rules=(rule,))
+    report = audit(workdir, check_params=False, skip_rules=(rule,), stages=stages)
     json_path, _ = write_report(report, out_dir)
     if not report.ok:
         raise RuntimeError(f"reproducibility audit failed, see {json_path}")
@@ -643,6 +654,71 @@ def write_report(report: AuditReport, out_dir: str | os.PathLike[str]) -> tuple[
     write_json(json_path, report.to_dict())
     write_text(md_path, report.to_markdown())
     return json_path, md_path
+
+
+# ------------------------------------------------------------------------------- run time
+def run_times(
+    records: Mapping[str, Mapping[str, Any]], stages: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """Job wall time per pipeline stage, from the records' ``started``/``ended`` stamps.
+
+    One row per stage (``stages`` maps rule -> stage; other rules are their own stage), in
+    order of first start: jobs, the sum of their wall times (``job_s``), and the ``span_s``
+    from the first job's start to the last one's end. Jobs of one stage may overlap (two
+    cores) or be apart (rerun another day), so the span is wall-clock time only for records of
+    one run. A last row, ``all``, covers every record. Records without stamps are left out.
+    """
+    spans: dict[str, list[tuple[datetime, datetime]]] = {}
+    for record in records.values():
+        try:
+            start = datetime.fromisoformat(record["started"])
+            end = datetime.fromisoformat(record["ended"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        stage = stages.get(record["rule"], record["rule"])
+        spans.setdefault(stage, []).append((start, end))
+    every = [s for jobs in spans.values() for s in jobs]
+    if every:
+        spans["all"] = every
+    rows = []
+    for stage, jobs in spans.items():
+        first, last = min(s for s, _ in jobs), max(e for _, e in jobs)
+        rows.append(
+            {
+                "stage": stage,
+                "jobs": len(jobs),
+                "job_s": round(sum((e - s).total_seconds() for s, e in jobs), 1),
+                "first_start": first.isoformat(timespec="seconds"),
+                "last_end": last.isoformat(timespec="seconds"),
+                "span_s": round((last - first).total_seconds(), 1),
+            }
+        )
+    rows.sort(key=lambda r: (r["stage"] == "all", r["first_start"]))
+    return rows
+
+
+def run_time_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The run-time table of :func:`run_times` as Markdown lines."""
+    lines = [
+        "## Run time",
+        "",
+        "Job wall time per stage (Snakemake job start to end, from the provenance records;",
+        "span = first start to last end, wall-clock time when the records are from one run).",
+        "",
+        "| stage | jobs | job time | span | first start |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['stage']} | {r['jobs']} | {_minutes(r['job_s'])} | {_minutes(r['span_s'])} "
+            f"| {r['first_start']} |"
+        )
+    return [*lines, ""]
+
+
+def _minutes(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s"
 
 
 # ------------------------------------------------------------------------------- reproduce

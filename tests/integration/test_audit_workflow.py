@@ -80,6 +80,13 @@ def test_fresh_run_passes_the_audit_rule_and_the_cli(run_copy):
     assert rule_report["counts"]["records"] == jobs - 2
     assert jobs - 2 >= 18, "4 datasets x 4 rules, shard, data_audit and the model stages"
     assert rule_report["counts"]["raw_files_checked"] > 0
+    # The run-time table: every job in it once, rules grouped by stage (rules file), data first.
+    stages = {row["stage"]: row for row in rule_report["run_time"]}
+    assert stages["all"]["jobs"] == jobs - 2
+    assert sum(row["jobs"] for row in rule_report["run_time"] if row["stage"] != "all") == jobs - 2
+    assert rule_report["run_time"][0]["stage"] == "data"
+    assert {"download", "shard", "probe"}.isdisjoint(stages)  # grouped, not per rule
+    assert "## Run time" in (run_copy / "results/audit/audit.md").read_text()
     rc, out, report = cli_audit(run_copy)
     assert rc == 0, out
     assert "audit PASS" in out

@@ -16,6 +16,8 @@ from cxrfoundry.audit import (
     audit,
     job_identity,
     reproduce,
+    run_time_markdown,
+    run_times,
     snakemake_current_params,
     write_report,
 )
@@ -314,3 +316,36 @@ def test_job_identity_ignores_wildcard_order():
         {"model": "b", "corpus": "a"}
     )
     assert job_identity({}) == "all"
+
+
+def test_run_times_sum_jobs_per_stage_and_span_first_start_to_last_end():
+    def job(rule: str, start: str, end: str) -> dict:
+        day = "2026-01-01T"
+        return {"rule": rule, "started": f"{day}{start}+00:00", "ended": f"{day}{end}+00:00"}
+
+    records = {
+        "download/a": job("download", "10:00:00", "10:00:30"),
+        "download/b": job("download", "10:00:10", "10:01:00"),  # overlaps a: two cores
+        "shard/demo": job("shard", "10:01:00", "10:02:00"),
+        "probe/x": job("probe", "10:02:00", "10:05:00"),
+        "broken/y": {"rule": "broken", "started": "yesterday", "ended": None},
+    }
+    rows = run_times(records, {"download": "data", "shard": "data"})
+    by_stage = {r["stage"]: r for r in rows}
+    assert [r["stage"] for r in rows] == ["data", "probe", "all"]  # first start, then all
+    assert by_stage["data"]["jobs"] == 3
+    assert by_stage["data"]["job_s"] == 30 + 50 + 60
+    assert by_stage["data"]["span_s"] == 120
+    assert by_stage["probe"] == {
+        "stage": "probe",  # a rule without a stage is its own
+        "jobs": 1,
+        "job_s": 180,
+        "first_start": "2026-01-01T10:02:00+00:00",
+        "last_end": "2026-01-01T10:05:00+00:00",
+        "span_s": 180,
+    }
+    assert by_stage["all"]["jobs"] == 4 and by_stage["all"]["span_s"] == 300
+    assert by_stage["all"]["job_s"] == 320
+    table = "\n".join(run_time_markdown(rows))
+    assert "| data | 3 | 2 min 20 s | 2 min 00 s |" in table
+    assert run_times({}, {}) == []

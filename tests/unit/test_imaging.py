@@ -232,6 +232,47 @@ def test_png_errors_name_file(tmp_path: Path) -> None:
         imaging.load_image(tmp_path / "trunc.png")
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 300), (256, 256)])
+def test_gray_png_fast_path_equals_pillow(dtype: type, shape: tuple[int, int]) -> None:
+    top = np.iinfo(dtype).max
+    arr = np.random.default_rng(shape[1]).integers(0, top, shape, endpoint=True).astype(dtype)
+    for data in (imaging.encode_png(arr), _pillow_png(arr, optimize=True)):
+        fast = imaging.decode_gray_png(data)
+        assert fast is not None and fast.dtype == arr.dtype
+        np.testing.assert_array_equal(fast, arr)
+        with Image.open(io.BytesIO(data)) as img:
+            np.testing.assert_array_equal(imaging.decode_image(data), np.asarray(img))
+
+
+def test_gray_png_fast_path_leaves_other_images_to_pillow() -> None:
+    gray = (np.arange(12 * 10).reshape(12, 10) % 256).astype(np.uint8)
+    rgb = _pillow_png(np.stack([gray] * 3, axis=-1))
+    assert imaging.decode_gray_png(rgb) is None
+    np.testing.assert_array_equal(imaging.decode_image(rgb), gray)
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, format="JPEG", quality=95)
+    assert imaging.decode_gray_png(buf.getvalue()) is None
+    assert imaging.decode_image(buf.getvalue()).shape == gray.shape
+    assert imaging.decode_gray_png(b"") is None
+
+
+def test_gray_png_fast_path_errors_name_the_image() -> None:
+    data = imaging.encode_png(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+    corrupt = data[:60] + bytes(16) + data[76:]
+    for bad in (data[: len(data) // 2], data[:40], corrupt):
+        with pytest.raises(ImageDecodeError, match=r"img-7: cannot decode PNG"):
+            imaging.decode_gray_png(bad, name="img-7")
+        with pytest.raises(ImageDecodeError, match=r"img-7"):
+            imaging.decode_image(bad, name="img-7")
+
+
+def _pillow_png(arr: np.ndarray, **options: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", **options)
+    return buf.getvalue()
+
+
 # --- resize / equalize / encode --------------------------------------------------------------
 
 

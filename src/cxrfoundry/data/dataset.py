@@ -119,10 +119,14 @@ def _resolve(shards: ShardSpec, split: str | None) -> list[Path]:
 def decode_pixels(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
     """Decode a shard's PNG/JPEG bytes to a 2-D uint8/uint16 array, with one copy.
 
-    Same result as :func:`imaging.decode_image` for the modes shards store (``L``, ``I;16``);
-    the array may be read-only (it wraps Pillow's buffer). Other modes go through
-    :func:`imaging.decode_image`. Raises :class:`imaging.ImageDecodeError` naming ``name``.
+    Same result as :func:`imaging.decode_image`: grayscale PNGs (what shards store) by
+    :func:`imaging.decode_gray_png`, JPEG in Pillow's ``L`` mode straight from Pillow's buffer
+    (the array may be read-only), other modes through :func:`imaging.decode_image`. Raises
+    :class:`imaging.ImageDecodeError` naming ``name``.
     """
+    pixels = imaging.decode_gray_png(data, name=name)
+    if pixels is not None:
+        return pixels
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()

@@ -384,8 +384,42 @@ def encode_png(img: np.ndarray, bit_depth: int | None = None) -> bytes:
     return encode_image(img, "png", bit_depth=bit_depth)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def decode_gray_png(data: bytes, *, name: str = "<bytes>") -> np.ndarray | None:
+    """Decode an 8- or 16-bit grayscale PNG to a 2-D uint8/uint16 array, or ``None`` when
+    ``data`` is not one (other colour types and depths, JPEG: :func:`decode_image` hands those
+    to Pillow).
+
+    libpng through imagecodecs: one call that holds the GIL only to start and finish (Pillow
+    takes it back between Python-level chunk reads), so decode threads scale like processes,
+    and about 10 % less CPU per image than Pillow, pixel for pixel the same. Every shard image
+    and most CXR PNGs are of this kind. Truncated or corrupt data raises
+    :class:`ImageDecodeError` naming ``name``.
+    """
+    # IHDR is the first chunk: signature (8), length (4), type (4), width, height (8), then
+    # bit depth (byte 24) and colour type (byte 25; 0 = grayscale).
+    if len(data) < 33 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    if data[25] != 0 or data[24] not in (8, 16):
+        return None
+    from imagecodecs import PngError, png_decode
+
+    try:
+        pixels = png_decode(data)
+    except (PngError, ValueError) as exc:
+        raise ImageDecodeError(name, f"cannot decode PNG bytes ({exc})") from exc
+    if pixels.ndim != 2:  # a tRNS chunk can add an alpha plane to a grayscale PNG
+        return None
+    return pixels
+
+
 def decode_image(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
     """Decode PNG/JPEG bytes (e.g. a shard's ``image`` column) to a 2-D uint8/uint16 array."""
+    pixels = decode_gray_png(data, name=name)
+    if pixels is not None:
+        return pixels
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
