@@ -861,7 +861,6 @@ _NUMPY_DTYPES = {
 
 #: Batches decoding ahead of the one being consumed, per threaded reader.
 _THREAD_PREFETCH = 2
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class _PendingBatch:
@@ -923,7 +922,7 @@ def _batch_shape(rows: list[_Row]) -> tuple[int, int]:
 
 def _is_16bit_png(data: bytes) -> bool:
     # IHDR is the first chunk: signature (8), length (4), type (4), width, height, bit depth.
-    return len(data) > 24 and data[:8] == _PNG_SIGNATURE and data[24] > 8
+    return len(data) > 24 and data[:8] == imaging.PNG_SIGNATURE and data[24] > 8
 
 
 def _decode_slice(

@@ -384,7 +384,7 @@ def encode_png(img: np.ndarray, bit_depth: int | None = None) -> bytes:
     return encode_image(img, "png", bit_depth=bit_depth)
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def decode_gray_png(data: bytes, *, name: str = "<bytes>") -> np.ndarray | None:
@@ -400,7 +400,7 @@ def decode_gray_png(data: bytes, *, name: str = "<bytes>") -> np.ndarray | None:
     """
     # IHDR is the first chunk: signature (8), length (4), type (4), width, height (8), then
     # bit depth (byte 24) and colour type (byte 25; 0 = grayscale).
-    if len(data) < 33 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+    if len(data) < 33 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
         return None
     if data[25] != 0 or data[24] not in (8, 16):
         return None
