@@ -921,8 +921,8 @@ def _batch_shape(rows: list[_Row]) -> tuple[int, int]:
 
 
 def _is_16bit_png(data: bytes) -> bool:
-    # IHDR is the first chunk: signature (8), length (4), type (4), width, height, bit depth.
-    return len(data) > 24 and data[:8] == imaging.PNG_SIGNATURE and data[24] > 8
+    header = imaging.png_header(data)
+    return header is not None and header[0] > 8
 
 
 def _decode_slice(

@@ -387,6 +387,15 @@ def encode_png(img: np.ndarray, bit_depth: int | None = None) -> bytes:
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def png_header(data: bytes) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR chunk, or ``None`` if ``data`` is no PNG."""
+    # IHDR is the first chunk: signature (8), length (4), type (4), width, height (8), then
+    # bit depth (byte 24) and colour type (byte 25; 0 = grayscale).
+    if len(data) < 33 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    return data[24], data[25]
+
+
 def decode_gray_png(data: bytes, *, name: str = "<bytes>") -> np.ndarray | None:
     """Decode an 8- or 16-bit grayscale PNG to a 2-D uint8/uint16 array, or ``None`` when
     ``data`` is not one (other colour types and depths, JPEG: :func:`decode_image` hands those
@@ -398,11 +407,7 @@ def decode_gray_png(data: bytes, *, name: str = "<bytes>") -> np.ndarray | None:
     and most CXR PNGs are of this kind. Truncated or corrupt data raises
     :class:`ImageDecodeError` naming ``name``.
     """
-    # IHDR is the first chunk: signature (8), length (4), type (4), width, height (8), then
-    # bit depth (byte 24) and colour type (byte 25; 0 = grayscale).
-    if len(data) < 33 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
-        return None
-    if data[25] != 0 or data[24] not in (8, 16):
+    if png_header(data) not in ((8, 0), (16, 0)):
         return None
     from imagecodecs import PngError, png_decode
 
