@@ -10,21 +10,27 @@ Usage::
 Each resource supports ``Range: bytes=N-`` / ``bytes=N-M`` (206 + ``Content-Range``; 416 past
 the end), ``If-Range`` against its ETag, optional Basic or Bearer authentication, and a queue of
 scripted faults consumed one per request: answer with a status (``500``, ``429`` with
-``Retry-After``...), drop the connection after N body bytes, or serve other content.
+``Retry-After``...), redirect elsewhere, drop the connection after N body bytes, or serve other
+content.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import hashlib
+import ipaddress
 import re
 import socket
+import ssl
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
 
 
@@ -32,7 +38,7 @@ from urllib.parse import urlsplit
 class Fault:
     """One scripted misbehaviour, used for a single request."""
 
-    kind: str  # "status" | "drop" | "stall" | "content" | "ignore_range"
+    kind: str  # "status" | "drop" | "stall" | "content" | "ignore_range" | "wrong_range"
     status: int = 500
     headers: tuple[tuple[str, str], ...] = ()
     after: int = 0
@@ -61,9 +67,19 @@ class Fault:
         return cls("content", body=body)
 
     @classmethod
+    def redirect(cls, location: str, status: int = 302) -> Fault:
+        """Answer ``status`` with ``Location: location`` (after the authentication check)."""
+        return cls("status", status=status, headers=(("Location", location),))
+
+    @classmethod
     def ignore_range(cls) -> Fault:
         """Answer 200 with the full content even if the request had a Range header."""
         return cls("ignore_range")
+
+    @classmethod
+    def wrong_range(cls, start: int) -> Fault:
+        """Answer a range request with 206 from byte ``start`` instead of the one asked for."""
+        return cls("wrong_range", after=start)
 
 
 @dataclass
@@ -161,6 +177,8 @@ class _Handler(BaseHTTPRequestHandler):
             match = re.fullmatch(r"bytes=(\d+)-(\d*)", range_header.strip())
             if match and (if_range is None or if_range == res.etag):
                 start = int(match.group(1))
+                if fault is not None and fault.kind == "wrong_range":
+                    start = fault.after
                 end = int(match.group(2)) if match.group(2) else len(data) - 1
                 if start >= len(data):
                     self._send(416, {"Content-Range": f"bytes */{len(data)}"}, b"")
@@ -185,19 +203,74 @@ class _Server(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-class HttpTestServer:
-    """Context manager running the server in a daemon thread on an ephemeral port."""
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """Write a throw-away certificate for 127.0.0.1/localhost and its key; return their paths."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
 
-    def __init__(self) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cxrfoundry test server")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+class HttpTestServer:
+    """Context manager running the server in a daemon thread on an ephemeral port.
+
+    ``tls=True`` serves HTTPS with a fresh self-signed certificate (needs ``cryptography``);
+    point a client at :attr:`ca_file` (e.g. ``REQUESTS_CA_BUNDLE``) to trust it.
+    """
+
+    def __init__(self, *, tls: bool = False) -> None:
         self.resources: dict[str, Resource] = {}
         self.requests: list[RequestRecord] = []
         self.lock = threading.Lock()
+        self.tls = tls
+        self.ca_file: Path | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> HttpTestServer:
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.owner = self
+        if self.tls:
+            self._tmp = tempfile.TemporaryDirectory(prefix="httpserver-")
+            cert_file, key_file = _self_signed(Path(self._tmp.name))
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(cert_file, key_file)
+            # The handshake runs in accept(); a client refusing the certificate makes accept()
+            # raise an OSError, which socketserver ignores.
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            self.ca_file = cert_file
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -209,12 +282,14 @@ class HttpTestServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
     @property
     def base_url(self) -> str:
         assert self._server is not None, "server not started"
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     def add(
         self,

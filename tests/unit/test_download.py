@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -319,6 +320,94 @@ def test_https_type_refuses_plain_http(raw) -> None:
         )
 
 
+def test_complete_part_answered_416_is_finished_without_refetching(server, raw, sleeps) -> None:
+    """Killed after the last byte but before the rename: the rerun's Range gets a 416."""
+    dest, manifest_path = raw
+    payload = os.urandom(20_000)
+    url = server.add("/f.bin", payload, faults=[Fault.drop(5_000)])
+    source = {"type": "http", "files": [{"url": url, "sha256": sha(payload)}], **FAST}
+    with pytest.raises(DownloadError, match="giving up"):
+        download({**source, "retries": 0}, dest, manifest_path, dataset="ds")
+    part = dest.parent / ".ds.cache" / "partial" / "f.bin.part"
+    with part.open("ab") as out:  # the rest arrived, then the job was killed
+        out.write(payload[5_000:])
+    download(source, dest, manifest_path, dataset="ds")
+    reqs = server.requests_for("/f.bin")
+    assert [(r.headers.get("Range"), r.status) for r in reqs] == [
+        (None, 200),
+        (f"bytes={len(payload)}-", 416),
+    ]
+    assert (dest / "f.bin").read_bytes() == payload and not part.exists()
+
+
+def test_content_range_from_another_offset_restarts(server, raw, sleeps) -> None:
+    dest, manifest_path = raw
+    payload = os.urandom(30_000)
+    url = server.add("/f.bin", payload, faults=[Fault.drop(10_000), Fault.wrong_range(0)])
+    download(
+        {"type": "http", "files": [{"url": url, "sha256": sha(payload)}], **FAST},
+        dest,
+        manifest_path,
+        dataset="ds",
+    )
+    reqs = server.requests_for("/f.bin")
+    assert [(r.headers.get("Range"), r.status) for r in reqs] == [
+        (None, 200),
+        ("bytes=10000-", 206),
+        (None, 200),
+    ]
+    assert (dest / "f.bin").read_bytes() == payload
+
+
+def test_killed_process_leaves_nothing_finished_and_rerun_resumes(server, raw) -> None:
+    """SIGKILL a real download mid-transfer; the next run resumes from the .part file."""
+    import signal
+    import subprocess
+    import time
+
+    dest, manifest_path = raw
+    payload = os.urandom(400_000)
+    url = server.add("/big.bin", payload, faults=[Fault.stall(after=250_000, seconds=30)])
+    source = {"type": "http", "files": [{"url": url, "sha256": sha(payload)}], "timeout": 60}
+    code = (
+        "import json, sys; from pathlib import Path; "
+        "from cxrfoundry.data.download import download; "
+        "download(json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), dataset='ds')"
+    )
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(source), str(dest), str(manifest_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    part = dest.parent / ".ds.cache" / "partial" / "big.bin.part"
+    try:
+        deadline = time.monotonic() + 30
+        while not (part.exists() and part.stat().st_size >= 200_000):
+            assert proc.poll() is None and time.monotonic() < deadline, "download never stalled"
+            time.sleep(0.02)
+        time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    kept = part.stat().st_size
+    assert 0 < kept <= 250_000
+    assert not manifest_path.exists() and not dest.exists()
+    assert not (dest.parent / ".ds.cache" / "files" / "big.bin").exists()
+
+    manifest = download({**source, **FAST}, dest, manifest_path, dataset="ds")
+    reqs = server.requests_for("/big.bin")
+    assert len(reqs) == 2
+    assert reqs[1].headers["Range"] == f"bytes={kept}-" and reqs[1].status == 206
+    assert (dest / "big.bin").read_bytes() == payload
+    assert manifest["files"] == [{"path": "big.bin", "size": len(payload), "sha256": sha(payload)}]
+
+
 # ------------------------------------------------------------------------------------------
 # Credentials
 # ------------------------------------------------------------------------------------------
@@ -458,15 +547,47 @@ def _tar_dev(name: str) -> tarfile.TarInfo:
     return info
 
 
-def _zip_symlink(name: str, target: str) -> bytes:
+def _zip_symlink(name: str, target: str | bytes, *more: tuple[str, str]) -> bytes:
+    """A zip with ``ok.txt`` and Unix symlinks ``name -> target`` (plus ``more`` of them)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("ok.txt", b"ok")
-        info = zipfile.ZipInfo(name)
-        info.create_system = 3
-        info.external_attr = (0o120777) << 16
-        zf.writestr(info, target)
+        for link, to in ((name, target), *more):
+            info = zipfile.ZipInfo(link)
+            info.create_system = 3
+            info.external_attr = (0o120777) << 16
+            zf.writestr(info, to)
     return buf.getvalue()
+
+
+def _tar_dir(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+# CVE-2025-4517: tarfile's filter="data" is bypassed on Python < 3.11.13 / 3.12.11 when link
+# resolution runs past PATH_MAX, so a chain of links through very long folder names lets a
+# later member be written outside the extraction folder.
+_LONG = "d" * 247
+_STEPS = "abcdefghijklmnop"
+
+
+def _cve_2025_4517() -> tuple[bytes, str]:
+    members: list[tarfile.TarInfo | tuple[str, bytes]] = []
+    path = ""
+    for step in _STEPS:
+        members.append(_tar_dir(f"{path}{_LONG}"))
+        members.append(_tar_link(f"{path}{step}", _LONG))
+        path = f"{path}{_LONG}/"
+    deep = "/".join(_STEPS) + "/" + "l" * 254
+    members.append(_tar_link(deep, "../" * len(_STEPS)))
+    members.append(_tar_link("escape", deep + "/.."))
+    members.append(("escape/escaped.txt", b"x"))
+    return make_tar(members, "w"), deep
+
+
+_CVE_TAR, _CVE_MEMBER = _cve_2025_4517()
 
 
 UNSAFE = {
@@ -483,6 +604,27 @@ UNSAFE = {
     "zip-dotdot": ("evil.zip", make_zip({"a/../../escaped.txt": b"x"}), "a/../../escaped.txt"),
     "zip-absolute": ("evil.zip", make_zip({"/abs.txt": b"x"}), "/abs.txt"),
     "zip-symlink-out": ("evil.zip", _zip_symlink("lnk", "../../etc/passwd"), "lnk"),
+    # Each link alone stays inside; together 'c' -> 'a/b/..' -> '(a/..)/..' leaves the folder.
+    "zip-link-chain": ("evil.zip", _zip_symlink("a/b", "..", ("c", "a/b/..")), "c"),
+    "tar-link-chain": (
+        "evil.tar",
+        make_tar([_tar_dir("a"), _tar_link("c", "a/b/.."), _tar_link("a/b", "..")], "w"),
+        "c",
+    ),
+    "tar-write-through-link": (
+        "evil.tar",
+        make_tar([_tar_link("a/b", ".."), _tar_link("c", "a/b/.."), ("c/escaped.txt", b"x")], "w"),
+        "c",
+    ),
+    "tar-cve-2025-4517": ("evil.tar", _CVE_TAR, _CVE_MEMBER),
+    # tarfile extracts a hard link to a not-yet-resolvable symlink as a *copy of the symlink*,
+    # re-anchored at the hard link's folder: 'h' -> '../f' (CVE-2025-4330 class).
+    "tar-hardlink-to-symlink": (
+        "evil.tar",
+        make_tar([_tar_link("x/s", "../f"), _tar_link("h", "x/s", tarfile.LNKTYPE)], "w"),
+        "h",
+    ),
+    "zip-symlink-not-utf8": ("evil.zip", _zip_symlink("lnk", b"ok\xff.txt"), "lnk"),
 }
 
 
@@ -507,6 +649,23 @@ def test_unsafe_archive_members_are_refused(case: str, raw, tmp_path: Path) -> N
         and not (tmp_path / "resources" / "escaped.txt").exists()
     )
     assert leftovers(dest.parent) == []
+    assert list(tmp_path.rglob("escaped.txt")) == []
+
+
+def test_link_chain_split_across_two_archives_is_refused(server, raw, sleeps) -> None:
+    """Two archives unpacked into one folder: each link is harmless alone, not together."""
+    dest, manifest_path = raw
+    first = server.add("/one.tar", make_tar([_tar_link("c", "a/b/..")], "w"))
+    second = server.add("/two.tar", make_tar([_tar_dir("a"), _tar_link("a/b", "..")], "w"))
+    source = {
+        "type": "http",
+        "files": [{"url": first, "extract": True}, {"url": second, "extract": True}],
+        **FAST,
+    }
+    with pytest.raises(DownloadError, match=r"two\.tar: refusing member 'c'"):
+        download(source, dest, manifest_path, dataset="ds")
+    assert not dest.exists() and not manifest_path.exists()
+    assert not list(dest.parent.glob(".ds.*.tmp"))
 
 
 def test_safe_archives_extract_with_internal_links(raw, tmp_path: Path) -> None:
@@ -524,6 +683,25 @@ def test_safe_archives_extract_with_internal_links(raw, tmp_path: Path) -> None:
     )
     assert [f["path"] for f in manifest["files"]] == ["d/a.txt", "d/sub/a-link", "d/sub/b.txt"]
     assert (dest / "d/sub/a-link").is_symlink()
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_archive_made_from_dot_extracts(kind: str, raw, tmp_path: Path) -> None:
+    """`tar -C dir -czf x.tgz .` starts with a './' folder member: that is the root itself."""
+    dest, manifest_path = raw
+    if kind == "tar":
+        data = make_tar(
+            [_tar_dir("./"), *((f"./{name}", body) for name, body in ARCHIVE_FILES.items())]
+        )
+        archive = tmp_path / "dot.tgz"
+    else:
+        data = make_zip({"./": b"", **{f"./{k}": v for k, v in ARCHIVE_FILES.items()}})
+        archive = tmp_path / "dot.zip"
+    archive.write_bytes(data)
+    manifest = download(
+        {"type": "local", "path": str(archive), "extract": True}, dest, manifest_path, dataset="ds"
+    )
+    assert manifest["files"] == expected_files(ARCHIVE_FILES)
 
 
 def test_corrupt_archive_names_the_archive(server, raw, sleeps) -> None:
@@ -594,6 +772,21 @@ def test_local_missing_folder_is_named(tmp_path: Path, raw) -> None:
     assert not dest.exists() and not manifest_path.exists()
 
 
+def test_stale_cleanup_spares_other_datasets_work(local_folder: Path, raw) -> None:
+    """Leftovers of a killed 'ds' job go; the build folder of dataset 'ds.v2' (maybe running
+    right now in a parallel job) is not 'ds' leftovers."""
+    dest, manifest_path = raw
+    dest.parent.mkdir(parents=True)
+    mine = dest.parent / ".ds.k1ll3d_x.tmp"
+    theirs = dest.parent / ".ds.v2.a1b2c3d4.tmp"
+    for folder in (mine, theirs):
+        (folder / "images").mkdir(parents=True)
+        (folder / "images" / "a.png").write_bytes(b"half")
+    download({"type": "local", "path": str(local_folder)}, dest, manifest_path, dataset="ds")
+    assert not mine.exists()
+    assert (theirs / "images" / "a.png").read_bytes() == b"half"
+
+
 def test_unknown_type_and_bad_paths(raw) -> None:
     dest, manifest_path = raw
     with pytest.raises(DownloadError, match="unknown source type 'ftp'"):
@@ -657,3 +850,179 @@ def test_phantom_failure_leaves_nothing(raw, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="generator crashed"):
         download({"type": "phantom", "kind": "nih"}, dest, manifest_path, dataset="ds")
     assert not dest.parent.exists() or leftovers(dest.parent) == []
+
+
+# ------------------------------------------------------------------------------------------
+# Redirects, TLS, awkward secrets
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def other_host():
+    """A second server, addressed as 'localhost' (another host name and port than 127.0.0.1)."""
+    with HttpTestServer() as srv:
+        yield srv, srv.base_url.replace("127.0.0.1", "localhost")
+
+
+def test_redirect_to_another_host_carries_no_credentials(
+    server, other_host, raw, sleeps, monkeypatch, tmp_path
+) -> None:
+    cdn, cdn_url = other_host
+    dest, _ = raw
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text(
+        f"machine 127.0.0.1 login carol password {PASSWORD}\n"
+        f"machine localhost login mallory password other-{PASSWORD}\n"
+    )
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    monkeypatch.setenv("TEST_TOKEN", TOKEN)
+    monkeypatch.setenv("TEST_PN_USER", "alice")
+    monkeypatch.setenv("TEST_PN_PASS", PASSWORD)
+    cdn.add("/cdn/x.bin", b"from the cdn")
+    basic = {"username_env": "TEST_PN_USER", "password_env": "TEST_PN_PASS"}
+    cases = [
+        ({"token_env": "TEST_TOKEN"}, {"bearer": TOKEN}),
+        ({"token_env": "TEST_TOKEN", "netrc": False}, {"bearer": TOKEN}),
+        (basic, {"basic": ("alice", PASSWORD)}),
+        ({"netrc": False}, {}),
+    ]
+    for i, (auth, protection) in enumerate(cases):
+        server.add(
+            "/x.bin", b"origin", faults=[Fault.redirect(cdn_url + "/cdn/x.bin")], **protection
+        )
+        download(
+            {"type": "http", "files": [server.base_url + "/x.bin"], "auth": auth, **FAST},
+            dest.parent / f"d{i}",
+            dest.parent / f"d{i}.json",
+            dataset=f"d{i}",
+        )
+        assert (dest.parent / f"d{i}" / "x.bin").read_bytes() == b"from the cdn"
+        sent = cdn.requests_for("/cdn/x.bin")[-1].headers
+        assert "Authorization" not in sent, (auth, sent.get("Authorization"))
+
+    # With netrc, the redirect target gets its own entry, never the origin's.
+    import base64
+
+    server.add("/x.bin", b"origin", faults=[Fault.redirect(cdn_url + "/cdn/x.bin")])
+    download(
+        {"type": "http", "files": [server.base_url + "/x.bin"], **FAST},
+        dest.parent / "n",
+        dest.parent / "n.json",
+        dataset="n",
+    )
+
+    def user_pass(headers: dict[str, str]) -> str:
+        return base64.b64decode(headers["Authorization"].split()[1]).decode()
+
+    assert user_pass(server.requests_for("/x.bin")[-1].headers) == f"carol:{PASSWORD}"
+    assert user_pass(cdn.requests_for("/cdn/x.bin")[-1].headers) == f"mallory:other-{PASSWORD}"
+
+
+@contextlib.contextmanager
+def closed_port():
+    """A loopback port that nothing listens on (bound once, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    yield port
+
+
+SIGNATURE = "sig-77aa88bb99cc"
+
+
+def test_signed_redirect_urls_never_reach_logs_or_errors(
+    server, other_host, raw, sleeps, caplog
+) -> None:
+    """A redirect to a pre-signed URL (S3/GCS style) hands over a credential too."""
+    caplog.set_level(logging.DEBUG)
+    cdn, cdn_url = other_host
+    dest, manifest_path = raw
+    cdn.add("/cdn/x.bin", b"signed content")
+    signed = f"{cdn_url}/cdn/x.bin?X-Goog-Signature={SIGNATURE}&X-Amz-Signature={SIGNATURE}2"
+    server.add("/x.bin", b"origin", faults=[Fault.redirect(signed)])
+    manifest = download(
+        {"type": "http", "files": [server.base_url + "/x.bin"], **FAST},
+        dest,
+        manifest_path,
+        dataset="ds",
+    )
+    assert cdn.requests_for("/cdn/x.bin")[-1].path.endswith(f"{SIGNATURE}2")  # it was used
+    assert "/cdn/x.bin" in caplog.text
+    assert SIGNATURE not in caplog.text and SIGNATURE not in json.dumps(manifest)
+    assert "X-Goog-Signature=***" in redact_url(signed)
+
+    # The signed host is down: the retry warnings and the final error stay clean too.
+    with closed_port() as port:
+        dead = f"http://localhost:{port}/cdn/y.bin?X-Goog-Signature={SIGNATURE}"
+        server.add("/y.bin", b"origin", faults=[Fault.redirect(dead)] * 3)
+        with pytest.raises(DownloadError, match="giving up") as err:
+            download(
+                {"type": "http", "files": [server.base_url + "/y.bin"], **FAST, "retries": 1},
+                dest.parent / "y",
+                dest.parent / "y.json",
+                dataset="y",
+            )
+    assert "/y.bin" in str(err.value)
+    assert SIGNATURE not in str(err.value) and SIGNATURE not in caplog.text
+
+
+def test_token_with_a_line_break_is_refused_without_echoing_it(
+    server, raw, sleeps, monkeypatch, caplog
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    dest, manifest_path = raw
+    monkeypatch.setenv("TEST_TOKEN", TOKEN + "\r\n")  # e.g. read from a Windows-edited file
+    url = server.add("/t.csv", b"x", bearer=TOKEN)
+    with pytest.raises(DownloadError, match="TEST_TOKEN") as err:
+        download(
+            {"type": "http", "files": [url], "auth": {"token_env": "TEST_TOKEN"}, **FAST},
+            dest,
+            manifest_path,
+            dataset="ds",
+        )
+    assert TOKEN not in str(err.value) and TOKEN not in caplog.text
+    assert not server.requests_for("/t.csv")
+
+
+@pytest.fixture
+def tls_server():
+    pytest.importorskip("cryptography")
+    with HttpTestServer(tls=True) as srv:
+        yield srv
+
+
+def test_https_source_refuses_a_redirect_to_plain_http(
+    tls_server, server, raw, sleeps, monkeypatch
+) -> None:
+    dest, manifest_path = raw
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_server.ca_file))
+    url = tls_server.add("/ok.csv", b"over tls")
+    download({"type": "https", "files": [url], **FAST}, dest, manifest_path, dataset="ds")
+    assert (dest / "ok.csv").read_bytes() == b"over tls"
+
+    plain = server.add("/x.csv", b"plain http")
+    tls_server.add("/x.csv", b"tls", faults=[Fault.redirect(plain)])
+    with pytest.raises(DownloadError, match=r"redirect.*http://") as err:
+        download(
+            {"type": "https", "files": [tls_server.base_url + "/x.csv"], **FAST},
+            dest.parent / "p",
+            dest.parent / "p.json",
+            dataset="p",
+        )
+    assert "/x.csv" in str(err.value)
+    assert not server.requests_for("/x.csv")
+    assert not (dest.parent / "p").exists() and not (dest.parent / "p.json").exists()
+
+
+def test_untrusted_certificate_fails_at_once(tls_server, raw, sleeps, monkeypatch) -> None:
+    dest, manifest_path = raw
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    url = tls_server.add("/x.csv", b"x")
+    with pytest.raises(DownloadError, match="certificate") as err:
+        download({"type": "https", "files": [url], **FAST}, dest, manifest_path, dataset="ds")
+    assert url in str(err.value)
+    assert sleeps == []  # a certificate that failed verification will fail again

@@ -144,6 +144,31 @@ def test_dicom_rgb_to_gray(tmp_path: Path) -> None:
     assert abs(int(img[0, 0]) - round(200 * 0.587)) <= 1
 
 
+def test_dicom_palette_color_16bit_lut(tmp_path: Path) -> None:
+    # Palette Color LUTs usually hold 16-bit entries: an identity ramp (index × 257) must give
+    # back the indices, not an image clipped to white.
+    idx = (np.arange(20 * 30).reshape(20, 30) % 256).astype(np.uint8)
+    path = make_dicom(tmp_path / "pal.dcm", idx, photometric="PALETTE COLOR", bits_stored=8)
+    ds = pydicom.dcmread(path)
+    lut = (np.arange(256) * 257).astype("<u2").tobytes()
+    for offset in range(3):  # Red, Green, Blue descriptor (0028,110x) and data (0028,120x)
+        ds.add_new(0x00281101 + offset, "US", [256, 0, 16])
+        ds.add_new(0x00281201 + offset, "OW", lut)
+    ds.save_as(path)
+    img = imaging.load_image(path)
+    assert img.dtype == np.uint8
+    np.testing.assert_array_equal(img, idx)
+
+
+def test_dicom_bits_stored_below_8_uses_full_range(tmp_path: Path) -> None:
+    # 6 stored bits in an 8-bit container: 0..63 must not come out as a near-black image.
+    arr = (np.arange(40 * 64).reshape(40, 64) % 64).astype(np.uint8)
+    img = imaging.load_image(make_dicom(tmp_path / "b6.dcm", arr, bits_stored=6))
+    assert img.dtype == np.uint8
+    assert img.min() == 0 and img.max() == 255
+    assert np.all(np.diff(img[0].astype(int)) > 0)
+
+
 def test_dicom_without_suffix_detected(tmp_path: Path) -> None:
     path = make_dicom(tmp_path / "noext", ramp())
     assert imaging.load_image(path).dtype == np.uint16
@@ -218,6 +243,29 @@ def test_png_8_16_rgb_jpeg(tmp_path: Path) -> None:
     Image.fromarray(arr8).save(tmp_path / "d.jpg", quality=95)
     jpg = imaging.load_image(tmp_path / "d.jpg")
     assert jpg.dtype == np.uint8 and jpg.shape == arr8.shape
+
+
+def _with_orientation(arr: np.ndarray, path: Path, orientation: int, **options: object) -> None:
+    pil = Image.fromarray(arr)
+    exif = pil.getexif()
+    exif[0x0112] = orientation  # EXIF Orientation
+    pil.save(path, exif=exif.tobytes(), **options)
+
+
+def test_exif_orientation_applied(tmp_path: Path) -> None:
+    # Orientation 6: the stored pixels must be turned 90° clockwise to be shown upright.
+    arr = np.zeros((20, 40), dtype=np.uint8)
+    arr[:, :10] = 255  # a bright band on the stored image's left
+    _with_orientation(arr, tmp_path / "o.png", 6)
+    np.testing.assert_array_equal(imaging.load_image(tmp_path / "o.png"), np.rot90(arr, -1))
+    _with_orientation(arr, tmp_path / "o.jpg", 6, quality=95)
+    jpg = imaging.load_image(tmp_path / "o.jpg")
+    assert jpg.shape == (40, 20)
+    assert jpg[:8].min() > 200 and jpg[12:].max() < 50  # the band is now on top
+    # Masks follow the same rule, so they stay aligned with their images.
+    mask = (arr // 255).astype(np.uint8)
+    _with_orientation(mask, tmp_path / "m.png", 6)
+    np.testing.assert_array_equal(imaging.load_mask(tmp_path / "m.png"), np.rot90(mask, -1))
 
 
 def test_png_errors_name_file(tmp_path: Path) -> None:

@@ -936,8 +936,9 @@ def test_splits_deterministic_and_patient_disjoint() -> None:
     out, stats = splits.assign_splits("ds", ["a", "a", "b"], allowed)
     assert out[:2] == ["test", "test"] and out[2] in ("train", "val")
     out, stats = splits.assign_splits("ds", ["a", "a"], [frozenset({"test"}), frozenset({"val"})])
-    assert out == ["test", "val"] and stats["patients_official_conflict"] == 1
-    assert splits.patients_in_several_splits(["a", "a"], out) == {"a": ["test", "val"]}
+    assert out == ["test", "test"] and stats["patients_official_conflict"] == 1
+    assert splits.patients_in_several_splits(["a", "a"], ["test", "val"]) == {"a": ["test", "val"]}
+    assert splits.patients_in_several_splits(["a", "a"], out) == {}
     assert splits.official_split("validate") == "val"
     with pytest.raises(ValueError):
         splits.official_split("holdout")
@@ -955,6 +956,169 @@ def test_labels_from_terms_rules() -> None:
     with pytest.raises(lab.LabelError):
         lab.parse_chexpert_value("yes", "Edema")
     assert lab.parse_chexpert_value(" -1.0 ", "Edema") == -1
+
+
+# --------------------------------------------------------------------------------------------
+# Review regressions: real-world values and layouts
+# --------------------------------------------------------------------------------------------
+
+
+def test_nih_official_lists_with_bom_and_crlf(tmp_path: Path) -> None:
+    # split lists saved by Windows tools: a UTF-8 BOM and CRLF line ends; the official test
+    # image on the first line must still be recognised (else it could land in train)
+    nih_fixture(tmp_path)
+    (tmp_path / "test_list.txt").write_bytes(b"\xef\xbb\xbf00000002_000.png\r\n")
+    (tmp_path / "train_val_list.txt").write_bytes(
+        b"\xef\xbb\xbf00000001_000.png\r\n00000001_001.png\r\n"
+    )
+    result = ingest("nih", "nih", tmp_path, {})
+    check_invariants(result)
+    rows = by_id(result)
+    assert rows["nih/00000002_000"]["split"] == "test"
+    assert rows["nih/00000001_000"]["split"] in ("train", "val")
+
+
+def test_brax_age_groups(tmp_path: Path) -> None:
+    # BRAX publishes PatientAge in 5-year groups, the oldest as "85 or more": the images of
+    # patients aged 85+ are usable and must not be rejected as "impossible age"
+    ages = ["85 or more", "40 - 44", "40-44", "45", "065Y", "", "200"]
+    rows = [
+        {
+            "PngPath": f"images/{i}.png",
+            "PatientID": f"id_{i}",
+            "AccessionNumber": f"acc{i}",
+            "ViewPosition": "PA",
+            "PatientSex": "O" if i == 0 else "F",
+            "PatientAge": age,
+        }
+        for i, age in enumerate(ages)
+    ]
+    write_csv(tmp_path / "master_spreadsheet_update.csv", rows)
+    for r in rows:
+        png(tmp_path / r["PngPath"])
+    result = ingest("brax", "brax", tmp_path, {})
+    check_invariants(result)
+    out = {r["image_path"]: r for r in result.manifest.to_pylist()}
+    assert [out[f"images/{i}.png"]["age"] for i in range(6)] == [85.0, 40.0, 40.0, 45.0, 65.0, None]
+    assert out["images/0.png"]["sex"] is None
+    assert list(reasons(result).values()) == ["impossible age: 200"]
+
+
+def test_padchest_missing_value_tokens(tmp_path: Path) -> None:
+    # PadChest writes missing values as text ("None", "nan" — see ViewPosition_DICOM and
+    # PixelAspectRatio_DICOM in the real CSV); a missing birth year or label list is unknown,
+    # not a reason to drop the image
+    base = {
+        "ImageDir": "0",
+        "StudyDate_DICOM": "20150312",
+        "StudyID": "st",
+        "PatientSex_DICOM": "M",
+        "Projection": "PA",
+        "Labels": "['normal']",
+    }
+    rows = [
+        {**base, "ImageID": "a.png", "PatientID": "pa", "PatientBirth": "None"},
+        {**base, "ImageID": "b.png", "PatientID": "pb", "PatientBirth": "nan"},
+        {**base, "ImageID": "c.png", "PatientID": "pc", "PatientBirth": "1950.0", "Labels": "nan"},
+        {**base, "ImageID": "d.png", "PatientID": "pd", "PatientBirth": "1950.0", "Labels": "None"},
+        {**base, "ImageID": "e.png", "PatientID": "pe", "PatientBirth": "19xx"},
+    ]
+    write_csv(tmp_path / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv", rows)
+    for r in rows:
+        png(tmp_path / "0" / r["ImageID"])
+    result = ingest("padchest", "padchest", tmp_path, {})
+    check_invariants(result)
+    out = by_id(result)
+    assert (out["padchest/a"]["age"], out["padchest/a"]["no_finding"]) == (None, 1)
+    assert out["padchest/b"]["age"] is None
+    for key in ("padchest/c", "padchest/d"):
+        assert out[key]["age"] == 65.0
+        assert out[key]["no_finding"] is None and out[key]["labels_extra"] == "{}"
+    assert reasons(result) == {"padchest/e": "impossible age: birth '19xx', study date '20150312'"}
+
+
+def test_official_splits_that_share_a_patient_stay_patient_disjoint(tmp_path: Path) -> None:
+    # a patient id found in two official split files (or split values): all of the
+    # patient's images go to the most held-out of them (test > val > train), so no image of
+    # an official test patient is trained on, and the move is counted
+    rows = [
+        {"file": "1.png", "pid": "a", "part": "train"},
+        {"file": "2.png", "pid": "a", "part": "test"},
+        {"file": "3.png", "pid": "b", "part": "validate"},
+        {"file": "4.png", "pid": "b", "part": "train"},
+        {"file": "5.png", "pid": "b", "part": ""},
+        {"file": "6.png", "pid": "c", "part": "train"},
+    ]
+    write_csv(tmp_path / "meta.csv", rows)
+    for r in rows:
+        png(tmp_path / r["file"])
+    opts = {"csv": "meta.csv", "image_col": "file", "patient_col": "pid", "split_col": "part"}
+    result = ingest("gen", "generic_csv", tmp_path, opts)
+    check_invariants(result)  # includes patient-disjointness
+    split = {r["image_path"]: r["split"] for r in result.manifest.to_pylist()}
+    assert split == {
+        "1.png": "test",
+        "2.png": "test",
+        "3.png": "val",
+        "4.png": "val",
+        "5.png": "val",
+        "6.png": "train",
+    }
+    assert result.counts["patients_official_conflict"] == 2
+    assert result.counts["rows_moved_from_official_split"] == 2
+    # the same through the split module, and the VinDr layout (one PatientID in both files)
+    out, stats = splits.assign_splits(
+        "ds", ["a", "a", "a"], [frozenset({"train", "val"}), frozenset({"test"}), None]
+    )
+    assert out == ["test", "test", "test"] and stats["rows_moved_from_official_split"] == 1
+    # CheXpert: a valid.csv patient also in train.csv, whose train rows may hash to train or
+    # test: the official val assignment decides, the patient does not move to test
+    out, stats = splits.assign_splits(
+        "ds", ["a", "a"], [frozenset({"val"}), frozenset({"train", "test"})]
+    )
+    assert out == ["val", "val"] and stats["rows_moved_from_official_split"] == 1
+
+
+def test_vindr_patient_in_train_and_test_files(tmp_path: Path) -> None:
+    def reader(image: str, rad: str, *positives: str) -> dict:
+        return {
+            "image_id": image,
+            "rad_ID": rad,
+            **{name: int(name in positives) for name in VINDR_LABELS},
+        }
+
+    write_csv(tmp_path / "annotations/image_labels_train.csv", [reader("tr1", "R1")])
+    write_csv(tmp_path / "annotations/image_labels_test.csv", [reader("te1", "R8")])
+    dicom(tmp_path / "train/tr1.dicom", PatientID="same", ViewPosition="PA")
+    dicom(tmp_path / "test/te1.dicom", PatientID="same", ViewPosition="PA")
+    result = ingest("vindr", "vindr_cxr", tmp_path, {})
+    check_invariants(result)
+    assert {r["split"] for r in result.manifest.to_pylist()} == {"test"}
+    assert result.counts["patients_official_conflict"] == 1
+
+
+def test_symlinked_subfolders_are_walked(tmp_path: Path) -> None:
+    # the acquire stage follows links (a linked raw folder, or image folders linked in): the
+    # adapters that walk the raw folder must see the same files
+    store = tmp_path / "store"
+    nih_fixture(store / "nih")
+    raw = tmp_path / "raw_nih"
+    raw.mkdir()
+    for item in (store / "nih").iterdir():
+        (raw / item.name).symlink_to(item, target_is_directory=item.is_dir())
+    (raw / "images_002" / "loop").symlink_to(raw, target_is_directory=True)  # a cycle
+    result = ingest("nih", "nih", raw, {})
+    check_invariants(result)
+    assert result.counts["rows_kept"] == 3
+    assert by_id(result)["nih/00000002_000"]["image_path"] == "images_002/images/00000002_000.png"
+
+    dicom(store / "dcm" / "a.dcm", SOPInstanceUID="9.1", PatientID="p1", ViewPosition="PA")
+    droot = tmp_path / "raw_dcm"
+    droot.mkdir()
+    (droot / "linked").symlink_to(store / "dcm", target_is_directory=True)
+    result = ingest("dcm", "dicom_folder", droot, {})
+    check_invariants(result)
+    assert [r["image_path"] for r in result.manifest.to_pylist()] == ["linked/a.dcm"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1025,6 +1189,44 @@ def test_real_metadata_samples_all_image_missing(adapter: str, options: dict) ->
     assert parsed.counts["rows_rejected"] == 0, parsed.counts["rejects_by_reason"]
     if adapter != "vindr_cxr":  # VinDr views come from the (absent) DICOM headers
         assert parsed.counts["views"].get("UNKNOWN", 0) <= 0.5 * parsed.counts["rows_kept"]
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason="real metadata samples absent")
+def test_real_samples_values_map_as_documented() -> None:
+    # PadChest: the real Projection / Labels / PatientBirth values
+    raw = pd.read_csv(SAMPLES / "padchest_labels_160K.csv", dtype=str, keep_default_na=False)
+    out = by_id(
+        ingest(
+            "s", "padchest", SAMPLES, {"csv": "padchest_labels_160K.csv", "verify_images": "none"}
+        )
+    )
+    projection = {"PA": "PA", "AP": "AP", "AP_horizontal": "AP_SUPINE", "L": "LATERAL"}
+    for row in raw.to_dict(orient="records"):
+        r = out["s/" + row["ImageID"].rsplit(".", 1)[0]]
+        assert r["view"] == projection[row["Projection"]] and r["view_raw"] == row["Projection"]
+        assert r["age"] == int(row["StudyDate_DICOM"][:4]) - float(row["PatientBirth"])
+        assert r["sex"] == row["PatientSex_DICOM"]
+        if row["Labels"] == "['normal']":
+            assert r["no_finding"] == 1 and r["cardiomegaly"] == 0
+    # VinDr (Kaggle train.csv): reader rows united per image; "No finding" only when no
+    # reader marked a finding
+    raw = pd.read_csv(SAMPLES / "vinbigdata_train.csv", dtype=str, keep_default_na=False)
+    out = by_id(
+        ingest(
+            "s",
+            "vindr_cxr",
+            SAMPLES,
+            {"labels_csv": "vinbigdata_train.csv", "verify_images": "none"},
+        )
+    )
+    classes = raw.groupby("image_id")["class_name"].apply(set).to_dict()
+    assert len(out) == len(classes)
+    for image, names in classes.items():
+        r = out[f"s/{image}"]
+        assert r["no_finding"] == int(names == {"No finding"}), (image, names)
+        assert r["cardiomegaly"] == int("Cardiomegaly" in names)
+        box_rows = raw[(raw.image_id == image) & (raw.class_name != "No finding")]
+        assert len(json.loads(r["boxes"] or "[]")) == len(box_rows)  # every reader's box kept
 
 
 @pytest.mark.skipif(not (REAL / "dicom").is_dir(), reason="real DICOM samples absent")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -175,6 +176,11 @@ def test_index_counts_and_files(written: tuple[Path, dict], sources: list[ShardS
     assert index == json.loads((out / "index.json").read_text())
     names = sorted(p.name for p in out.glob("*-*.parquet"))
     assert names == sorted(e["file"] for e in index["shards"])
+    for entry in index["shards"]:  # the index describes the published bytes exactly
+        data = (out / entry["file"]).read_bytes()
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert entry["bytes"] == len(data)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files
     assert len(names) > 3  # several shards per split with this tiny target size
     for split, total in index["splits"].items():
         entries = [e for e in index["shards"] if e["split"] == split]
@@ -192,10 +198,12 @@ def test_shard_schema_rows_and_pixels(written: tuple[Path, dict]) -> None:
         handle = pq.ParquetFile(out / entry["file"])
         assert handle.schema_arrow.equals(SHARD_SCHEMA)
         assert handle.metadata.num_rows == entry["rows"] <= rows_per_shard
-        assert all(
-            handle.metadata.row_group(g).num_rows <= PARAMS["row_group_size"]
-            for g in range(handle.metadata.num_row_groups)
-        )
+        groups = [
+            handle.metadata.row_group(g).num_rows for g in range(handle.metadata.num_row_groups)
+        ]
+        # Full row groups, rejects or not; only a shard's last group may be short.
+        assert all(n == PARAMS["row_group_size"] for n in groups[:-1])
+        assert 0 < groups[-1] <= PARAMS["row_group_size"]
         table = handle.read()
         assert set(table.column("split").to_pylist()) == {entry["split"]}
         for row in table.select(["image_id", "image", "height", "width", "mask"]).to_pylist():
@@ -743,3 +751,118 @@ def test_shard_corpus_entry_point(
             settings={"image_size": 32, "colour": "blue"},
             seed=0,
         )
+
+
+# --- hardening: rows that must become rejects, stale work, crashing decoders --------------------
+
+
+def _png_rows(root: Path, n: int = 6, shape: tuple[int, int] = (20, 30)) -> list[dict]:
+    """``n`` small 8-bit PNGs ``{i}.png`` under ``root`` and their report rows (all train)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        Image.fromarray(np.full(shape, 9 * i, dtype=np.uint8)).save(root / f"{i}.png")
+        rows.append(_row("t", i, f"{i}.png", "train"))
+    return rows
+
+
+def _reasons(out: Path) -> dict[str | None, str]:
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    return {r["image_id"]: r["reason"] for r in rejects}
+
+
+def test_rows_missing_required_values_are_rejected(tmp_path: Path) -> None:
+    # One bad row must not abort the corpus (TypeError on a null path, ArrowInvalid on write).
+    rows = _png_rows(tmp_path / "raw")
+    rows[1]["image_path"] = None
+    rows[2]["patient_id"] = None
+    rows[3]["image_id"] = None
+    source = ShardSource("t", conform(rows, REPORTS_SCHEMA), tmp_path / "raw")
+    index = write_shards([source], tmp_path / "out", workers=1, work_dir=tmp_path / "w", **PARAMS)
+    assert index["counts"] == {"rows_in": 6, "rows_written": 3, "rows_rejected": 3}
+    reasons = _reasons(tmp_path / "out")
+    assert reasons["t/0001"] == "missing value in required column 'image_path'"
+    assert reasons["t/0002"] == "missing value in required column 'patient_id'"
+    assert reasons[None] == "missing value in required column 'image_id'"
+
+
+def test_mask_that_cannot_align_with_its_image_is_rejected(tmp_path: Path) -> None:
+    rows = _png_rows(tmp_path / "raw", n=3, shape=(20, 30))
+    (tmp_path / "raw" / "m").mkdir()
+    Image.fromarray(np.ones((30, 20), dtype=np.uint8)).save(tmp_path / "raw" / "m" / "t.png")
+    Image.fromarray(np.ones((10, 15), dtype=np.uint8)).save(tmp_path / "raw" / "m" / "h.png")
+    rows[0]["mask_path"] = "m/t.png"  # transposed: resizing both would misalign every label
+    rows[1]["mask_path"] = "m/h.png"  # half resolution, same aspect: aligns after resizing
+    source = ShardSource("t", conform(rows, REPORTS_SCHEMA), tmp_path / "raw")
+    index = write_shards([source], tmp_path / "out", workers=1, work_dir=tmp_path / "w", **PARAMS)
+    assert index["counts"] == {"rows_in": 3, "rows_written": 2, "rows_rejected": 1}
+    reason = _reasons(tmp_path / "out")["t/0000"]
+    assert "mask m/t.png" in reason and "30x20" in reason and "20x30" in reason
+
+
+def test_code_change_rebuilds_work_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Snakemake reruns the rule when the decoding code changes; the rerun must not hand back the
+    # shards the old code wrote into work_dir.
+    from cxrfoundry import provenance
+
+    rows = _png_rows(tmp_path / "raw")
+    sources = [ShardSource("t", conform(rows, REPORTS_SCHEMA), tmp_path / "raw")]
+    done = tmp_path / "w" / "train-00000.done.json"
+
+    def run() -> str:
+        write_shards(sources, tmp_path / "out", workers=1, work_dir=tmp_path / "w", **PARAMS)
+        return json.loads(done.read_text())["fingerprint"]
+
+    first = run()
+    assert run() == first  # same code, same inputs: reused
+    module_path = provenance.module_path
+    edited = tmp_path / "imaging.py"
+    edited.write_text(module_path("cxrfoundry.data.imaging").read_text() + "\n# edited\n")
+    monkeypatch.setattr(
+        provenance,
+        "module_path",
+        lambda name: edited if name == "cxrfoundry.data.imaging" else module_path(name),
+    )
+    assert run() != first
+
+
+_CRASH_CHILD = """
+import os, signal
+from pathlib import Path
+import pyarrow.parquet as pq
+from cxrfoundry.data import imaging
+from cxrfoundry.data.shards import ShardSource, write_shards
+load = imaging.load_image
+def crashing(path):
+    if Path(path).name == "crash.png":  # a decoder bug or the OOM killer: the process dies
+        os.kill(os.getpid(), signal.SIGKILL)
+    return load(path)
+imaging.load_image = crashing  # workers are forked: they inherit this
+srcs = [ShardSource("t", pq.read_table({table!r}), Path({root!r}))]
+write_shards(srcs, Path({out!r}), workers=2, work_dir=Path({work!r}), **{params!r})
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or os.name != "posix", reason="needs fork to patch the workers"
+)
+def test_worker_process_crash_becomes_a_reject(tmp_path: Path) -> None:
+    rows = _png_rows(tmp_path / "raw", n=20)
+    (tmp_path / "raw" / "crash.png").write_bytes(b"whatever")
+    rows.insert(9, _row("t", 99, "crash.png", "train"))
+    pq.write_table(conform(rows, REPORTS_SCHEMA), tmp_path / "t.parquet")
+    out = tmp_path / "out"
+    code = _CRASH_CHILD.format(
+        table=str(tmp_path / "t.parquet"),
+        root=str(tmp_path / "raw"),
+        out=str(out),
+        work=str(tmp_path / "w"),
+        params=PARAMS,
+    )
+    env = {**os.environ, "PYTHONFAULTHANDLER": ""}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    index = json.loads((out / "index.json").read_text())
+    assert index["counts"] == {"rows_in": 21, "rows_written": 20, "rows_rejected": 1}
+    reason = _reasons(out)["t/0099"]
+    assert "image crash.png" in reason and "SIGKILL" in reason

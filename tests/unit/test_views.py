@@ -398,3 +398,75 @@ def test_filter_real_nih() -> None:
     assert result.audit["rows_frontal"] == 1000
     assert result.audit["by_source"]["metadata"] == 1000
     assert result.audit["classifier"]["reason"] == "no unknown views"
+
+
+# --------------------------------------------------------------------------------------------
+# Review regressions: frontal of unknown side
+# --------------------------------------------------------------------------------------------
+
+
+def test_filter_metadata_frontal_without_side(tmp_path: Path) -> None:
+    # CheXpert "Frontal" with an empty AP/PA cell (and Open-I's "Frontal" projection): the
+    # metadata says frontal, only the side is unknown; the metadata decides, not the fallbacks
+    specs = [
+        ("frontal", "PA", "PA", "metadata"),
+        ("frontal", "UNKNOWN", "Frontal", "none"),
+        ("frontal", "UNKNOWN", "Frontal/LL", "none"),  # contradictory: stays unknown
+        ("lateral", "UNKNOWN", "FOO", "none"),
+    ]
+    table = _manifest_rows(tmp_path, specs)
+    result = filter_frontal(table, tmp_path, {"classifier": {"enabled": False}})
+    frontal = {r["image_id"]: r for r in result.frontal.to_pylist()}
+    assert sorted(frontal) == ["demo/0000", "demo/0001"]
+    assert (frontal["demo/0001"]["view"], frontal["demo/0001"]["view_source"]) == (
+        "UNKNOWN",
+        "metadata",
+    )
+    audit = result.audit
+    assert audit["by_source"] == {"metadata": 2, "dicom": 0, "classifier": 0, "none": 2}
+    assert {
+        "view_raw": "Frontal",
+        "view": "UNKNOWN",
+        "decision": "frontal",
+        "source": "metadata",
+        "count": 1,
+    } in audit["views"]
+    assert audit["rows_in"] == audit["rows_frontal"] + audit["rows_excluded"] == 4
+
+    # a PA-only policy cannot accept a frontal of unknown side: it may be AP
+    result = filter_frontal(
+        table, tmp_path, {"frontal_views": ["PA"], "classifier": {"enabled": False}}
+    )
+    assert result.frontal.column("image_id").to_pylist() == ["demo/0000"]
+    reasons = dict(
+        zip(
+            result.excluded.column("image_id").to_pylist(),
+            result.excluded.column("reason").to_pylist(),
+            strict=True,
+        )
+    )
+    assert reasons["demo/0001"].startswith("view unknown after all fallbacks (raw 'Frontal')")
+
+
+def test_filter_classifier_frontal_respects_frontal_views(tmp_path: Path) -> None:
+    # the classifier tells frontal from lateral, not PA from AP: with frontal_views [PA] its
+    # "frontal" calls must not be let in as PA images; its "lateral" calls still exclude
+    known = [("frontal", "PA", "PA", "metadata")] * 40 + [
+        ("lateral", "LATERAL", "L", "metadata")
+    ] * 40
+    unknown = [("frontal", "UNKNOWN", None, "none")] * 10 + [
+        ("lateral", "UNKNOWN", None, "none")
+    ] * 10
+    table = _manifest_rows(tmp_path, known + unknown)
+    policy = {
+        "frontal_views": ["PA"],
+        "classifier": {"min_accuracy": 0.9, "min_confidence": 0.8, "min_per_class": 10},
+    }
+    result = filter_frontal(table, tmp_path, policy)
+    frontal_ids = set(result.frontal.column("image_id").to_pylist())
+    assert frontal_ids == {f"demo/{i:04d}" for i in range(40)}
+    audit = result.audit
+    assert audit["classifier"]["used"] is True
+    assert audit["by_decision_source"].get("frontal/classifier", 0) == 0
+    assert audit["by_decision_source"]["excluded/classifier"] >= 9
+    assert audit["rows_in"] == 100 == audit["rows_frontal"] + audit["rows_excluded"]

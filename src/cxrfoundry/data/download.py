@@ -36,27 +36,36 @@ Source types (``source["type"]``):
     (``resources/raw/.{dataset}.cache/``: ``partial/<path>.part``, ``files/<path>``, ``meta/``)
     and resume with HTTP ``Range`` (guarded by ``If-Range``), restarting when a server answers
     200 instead of 206. Connection errors, timeouts, 408/425/429/5xx are retried with
-    exponential backoff and jitter, honouring ``Retry-After``; 4xx errors fail at once. A file
-    leaves ``partial/`` only once complete and its sha256 matches, and is not fetched again
-    while it still matches. Plain files are hard-linked from the cache into the raw folder (no
-    extra disk), archives are extracted from it; ``keep_cache: false`` removes the cache after
-    success. Type ``https`` refuses plain-http URLs. Tuning keys: ``retries`` (5), ``backoff``
-    (1.0 s), ``backoff_max`` (60 s), ``timeout`` (60 s, connect and between bytes),
-    ``retry_after_max`` (300 s).
+    exponential backoff and jitter, honouring ``Retry-After``; 4xx errors and a TLS certificate
+    that fails verification fail at once. A file leaves ``partial/`` only once complete and its
+    sha256 matches, and is not fetched again while it still matches. Plain files are hard-linked
+    from the cache into the raw folder (no extra disk), archives are extracted from it;
+    ``keep_cache: false`` removes the cache after success. Type ``https`` refuses plain-http
+    URLs. Tuning keys: ``retries`` (5), ``backoff`` (1.0 s), ``backoff_max`` (60 s), ``timeout``
+    (60 s, connect and between bytes), ``retry_after_max`` (300 s).
 
     Credentials: ``auth: {username_env, password_env}`` (HTTP Basic, e.g. PhysioNet) or
     ``auth: {token_env}`` (Bearer) name environment variables; otherwise the netrc file
     (``$NETRC`` or ``~/.netrc``) is consulted for the host (``auth: {netrc: false}`` turns that
-    off). Secrets written into ``auth`` itself are refused; user-info in a URL is honoured but
-    discouraged. Secrets never reach logs, exceptions, the manifest or the returned dict: URLs
-    are shown with
-    user-info and secret-looking query values replaced by ``***``, and while a download runs a
-    logging filter scrubs known secret values from ``urllib3``/``requests`` records.
+    off). Secrets written into ``auth`` itself are refused, and so is a token with whitespace or
+    control characters (a trailing newline); user-info in a URL is honoured but discouraged.
+    Credentials never follow a redirect to another origin (scheme, host or port): there only
+    that host's own netrc entry is used, and only when no ``*_env`` credentials are configured
+    and netrc is on. Type ``https`` refuses a redirect to plain http. Secrets never reach logs,
+    exceptions, the manifest or the returned dict: URLs are shown with user-info and
+    secret-looking query values replaced by ``***``, and while a download runs a logging filter
+    scrubs known secret values from ``urllib3``/``requests`` records, including those of
+    redirect targets (a pre-signed URL is a credential too).
 
 Archives (zip, tar, tar.gz/tgz, tar.bz2, tar.xz) are extracted only after every member has
-been checked: absolute names, ``..`` components, links that leave the extraction folder and
-device/FIFO members are refused with an error naming the archive and the member (tar
-extraction additionally uses ``filter="data"``).
+been checked: absolute names, ``..`` components, device/FIFO members, links that leave the
+extraction folder, members that lie inside a link, hard links through a symbolic link, and a
+link sharing its name with another member are refused with an error naming the archive and the
+member. Links are resolved component by component through the archive's other links and any
+already on disk (chains count, whatever their order), without ``realpath``; an archive unpacked
+into a folder that already has content is followed by a check that every link there still stays
+inside. Tar extraction additionally uses ``filter="data"``, which alone is not enough on Python
+< 3.11.13 (CVE-2025-4517).
 
 Atomicity: the old manifest is deleted first, the raw folder is built in a hidden temporary
 sibling and renamed into place, and the manifest is written last (atomically). A failed run
@@ -70,7 +79,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import email.utils
+import errno
 import fnmatch
+import glob
 import json
 import logging
 import netrc
@@ -78,12 +89,14 @@ import os
 import random
 import re
 import shutil
+import ssl
 import stat
 import tarfile
 import tempfile
 import threading
 import time
 import zipfile
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -113,7 +126,8 @@ _sleep = time.sleep
 _SECRET_KEY = re.compile(
     r"(?i)^(password|passwd|pwd|token|access_token|refresh_token|id_token|secret|client_secret|"
     r"api_?key|apikey|key|access_?key|secret_?key|auth|authorization|cookie|session|sig|"
-    r"signature|x-amz-signature|x-amz-credential|x-amz-security-token|credential|credentials)$"
+    r"signature|x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|"
+    r"x-goog-credential|credential|credentials)$"
 )
 _REDACTED = "***"
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -210,8 +224,11 @@ class _Scrubber(logging.Filter):
     def add(self, *values: str | None) -> None:
         # Very short values would redact innocent text everywhere; a 1-2 char secret is no
         # secret anyway, so they are left out of scrubbing (never out of redaction of fields).
+        # Also as Python's repr would print it (a value with a line break shows up escaped in
+        # exception messages) and without surrounding whitespace.
+        variants = {f for v in values if v for f in (v, v.strip(), repr(v)[1:-1])}
         with self._lock:
-            merged = set(self._secrets) | {v for v in values if v and len(v) >= 3}
+            merged = set(self._secrets) | {v for v in variants if len(v) >= 3}
             # Longest first, so a secret containing another is replaced whole.
             self._secrets = tuple(sorted(merged, key=len, reverse=True))
 
@@ -361,12 +378,16 @@ def _clean_stale(dest: Path) -> None:
     """Remove temporary siblings left by a run that was killed (they are never outputs)."""
     if not dest.parent.is_dir():
         return
-    for pattern in (f".{dest.name}.*.tmp", f".{dest.name}.*.old", f".{dest.name}.*.lnk"):
-        for stale in dest.parent.glob(pattern):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            elif stale.is_symlink():
-                stale.unlink()
+    # Exactly what mkdtemp makes for this name (8 characters of its alphabet): a glob such as
+    # '.ds.*.tmp' would also take '.ds.v2.<random>.tmp', dataset 'ds.v2''s build in progress.
+    ours = re.compile(rf"\.{re.escape(dest.name)}\.[a-z0-9_]{{8}}\.(tmp|old|lnk)")
+    for stale in dest.parent.glob(f".{glob.escape(dest.name)}.*"):
+        if not ours.fullmatch(stale.name):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        elif stale.is_symlink():
+            stale.unlink()
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,6 +397,11 @@ def _clean_stale(dest: Path) -> None:
 
 def _is_archive_name(name: str) -> bool:
     return name.lower().endswith(_ARCHIVE_SUFFIXES)
+
+
+def _is_root_dir(name: str, is_dir: bool) -> bool:
+    """A folder member naming the extraction folder itself (``./``, as ``tar -C dir -c .``)."""
+    return is_dir and not _literal_parts(name.replace("\\", "/"))
 
 
 def _check_member_name(archive: Path, name: str) -> PurePosixPath:
@@ -415,6 +441,140 @@ def _check_link(
             stack.append(part)
 
 
+#: As Linux's MAXSYMLINKS: more hops than this is a loop (or an attack), not an archive.
+_MAX_LINK_HOPS = 40
+
+
+class _LinkTree:
+    """The extraction folder as it will be after one archive: its links over what is on disk.
+
+    Paths are tuples of literal ``/``-separated components relative to the extraction folder.
+    Link targets are resolved one component at a time, following the archive's own links (all
+    of them, whatever their order in the archive) and links already on disk. Nothing here uses
+    ``realpath``, which silently gives up beyond PATH_MAX; that is how tarfile's own
+    ``filter="data"`` is bypassed on Python < 3.11.13/3.12.11 (CVE-2025-4517).
+    """
+
+    def __init__(self, archive: Path, root: Path, links: Mapping[tuple[str, ...], str]) -> None:
+        self.archive = archive
+        self.root = root
+        self.links = links
+        # A fresh folder has no links of its own: no need to ask the filesystem.
+        self.on_disk = any(root.iterdir())
+
+    def refuse(self, name: str, problem: str) -> DownloadError:
+        return DownloadError(f"{self.archive}: refusing member {name!r}: {problem}")
+
+    def link_at(self, parts: tuple[str, ...], name: str) -> str | None:
+        """The target of the link at ``parts`` (the archive's, else the disk's), or None."""
+        if parts in self.links:
+            return self.links[parts]
+        if not self.on_disk or not parts:
+            return None
+        try:
+            return os.readlink(self.root.joinpath(*parts))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # there, but not a link
+                return None
+            raise self.refuse(name, f"cannot check {'/'.join(parts)!r} ({exc.strerror})") from None
+
+    def resolve(
+        self, start: tuple[str, ...], target: str, name: str, *, through_links: bool = True
+    ) -> tuple[str, ...]:
+        """Where ``target``, seen from folder ``start``, really is; refuse leaving the root."""
+        if target.startswith("/"):
+            raise self.refuse(name, f"link to absolute path {target!r}")
+        stack = list(start)
+        pending = target.split("/")[::-1]
+        hops = 0
+        while pending:
+            part = pending.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not stack:
+                    raise self.refuse(name, f"link {target!r} points outside the extraction folder")
+                stack.pop()
+                continue
+            stack.append(part)
+            link = self.link_at(tuple(stack), name)
+            if link is None:
+                continue
+            if not through_links:
+                raise self.refuse(name, f"hard link {target!r} goes through a symbolic link")
+            hops += 1
+            if hops > _MAX_LINK_HOPS:
+                raise self.refuse(name, f"link {target!r}: too many levels of links")
+            if link.startswith("/"):
+                raise self.refuse(name, f"link {target!r} points outside the extraction folder")
+            stack.pop()
+            pending.extend(link.split("/")[::-1])
+        return tuple(stack)
+
+    def check(
+        self, parts: tuple[str, ...], name: str, *, link: str | None = None, hard: bool = False
+    ) -> None:
+        """Refuse a member written through a link, or a link that leads out of the root."""
+        for i in range(1, len(parts)):
+            if self.link_at(parts[:i], name) is not None:
+                raise self.refuse(name, f"it lies inside the link {'/'.join(parts[:i])!r}")
+        if link is None:
+            if self.link_at(parts, name) is not None:
+                raise self.refuse(name, "it would be written through an existing link")
+        elif hard:
+            # tarfile turns a hard link to a symlink into a copy of that symlink, re-anchored
+            # at the hard link's own folder: only plain files may be hard-linked.
+            self.resolve((), link, name, through_links=False)
+        else:
+            self.resolve(parts[:-1], link, name)
+
+    def check_disk(self, root_label: str) -> None:
+        """After extracting into a folder that had content: every link still stays inside.
+
+        An archive's new link can change where an older link (another archive's) leads.
+        """
+        disk = _LinkTree(self.archive, self.root, {})
+        stack: list[tuple[str, ...]] = [()]
+        while stack:
+            rel = stack.pop()
+            try:
+                with os.scandir(self.root.joinpath(*rel)) as entries:
+                    found = list(entries)
+            except OSError as exc:
+                raise DownloadError(
+                    f"{self.archive}: cannot check {root_label} after extraction ({exc.strerror})"
+                ) from None
+            for entry in found:
+                if entry.is_symlink():
+                    label = "/".join((*rel, entry.name))
+                    try:
+                        disk.resolve(rel, os.readlink(entry.path), label)
+                    except DownloadError:
+                        os.unlink(entry.path)  # never leave an escaping link behind
+                        raise
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append((*rel, entry.name))
+
+
+def _literal_parts(name: str) -> tuple[str, ...]:
+    """A member name as the components the extractor will create (``/`` only; no ``.``)."""
+    return tuple(p for p in name.split("/") if p not in ("", "."))
+
+
+def _duplicate_links(
+    archive: Path, names: list[tuple[tuple[str, ...], str]], links: Mapping[tuple[str, ...], str]
+) -> None:
+    counts = Counter(parts for parts, _ in names)
+    for parts, name in names:
+        if parts in links and counts[parts] > 1:
+            raise DownloadError(
+                f"{archive}: refusing member {name!r}: a link may not share its name with "
+                "another member"
+            )
+
+
 def _extract_tar(archive: Path, root: Path) -> int:
     try:
         tf = tarfile.open(archive, "r:*")  # noqa: SIM115 (entered just below)
@@ -425,6 +585,8 @@ def _extract_tar(archive: Path, root: Path) -> int:
             members = tf.getmembers()
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise DownloadError(f"{archive}: corrupt tar archive ({exc})") from None
+        # The root folder is ours; an archive's own entry for it carries nothing to extract.
+        members = [m for m in members if not _is_root_dir(m.name, m.isdir())]
         for m in members:
             rel = _check_member_name(archive, m.name)
             if m.ischr() or m.isblk() or m.isfifo() or m.isdev():
@@ -433,6 +595,16 @@ def _extract_tar(archive: Path, root: Path) -> int:
                 raise DownloadError(f"{archive}: refusing member {m.name!r}: special file")
             if m.issym() or m.islnk():
                 _check_link(archive, m.name, rel, m.linkname, hard=m.islnk())
+        # Each link is fine on its own; now the links together, as tarfile will lay them out.
+        names = [(_literal_parts(m.name), m.name) for m in members]
+        links = {
+            parts: m.linkname for (parts, _), m in zip(names, members, strict=True) if m.issym()
+        }
+        _duplicate_links(archive, names, links)
+        tree = _LinkTree(archive, root, links)
+        for (parts, name), m in zip(names, members, strict=True):
+            is_link = m.issym() or m.islnk()
+            tree.check(parts, name, link=m.linkname if is_link else None, hard=m.islnk())
         try:
             tf.extractall(root, members=members, filter="data")
         except tarfile.FilterError as exc:
@@ -441,6 +613,8 @@ def _extract_tar(archive: Path, root: Path) -> int:
             raise DownloadError(f"{archive}: refusing member {label!r}: {exc}") from None
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise DownloadError(f"{archive}: extraction failed ({exc})") from None
+    if tree.on_disk and links:
+        tree.check_disk(str(root))
     return sum(1 for m in members if m.isfile())
 
 
@@ -455,15 +629,28 @@ def _extract_zip(archive: Path, root: Path) -> int:
         raise DownloadError(f"{archive}: cannot open as a zip archive ({exc})") from None
     with zf:
         plan: list[tuple[zipfile.ZipInfo, PurePosixPath, str]] = []
+        links: dict[tuple[str, ...], str] = {}
         for info in zf.infolist():
+            if _is_root_dir(info.filename, info.is_dir()):
+                continue  # the root folder is ours
             rel = _check_member_name(archive, info.filename)
             mode = info.external_attr >> 16
             kind = stat.S_IFMT(mode) if info.create_system == 3 else 0  # 3 = Unix
             if info.is_dir() or kind == stat.S_IFDIR:
                 plan.append((info, rel, "dir"))
             elif kind == stat.S_IFLNK:
-                target = zf.read(info).decode("utf-8", "replace")
+                try:
+                    target = zf.read(info).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DownloadError(
+                        f"{archive}: refusing member {info.filename!r}: link target is not UTF-8"
+                    ) from None
+                except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                    raise DownloadError(
+                        f"{archive}: reading member {info.filename!r} failed ({exc})"
+                    ) from None
                 _check_link(archive, info.filename, rel, target, hard=False)
+                links[rel.parts] = target
                 plan.append((info, rel, "link"))
             elif kind in (0, stat.S_IFREG):
                 plan.append((info, rel, "file"))
@@ -471,6 +658,12 @@ def _extract_zip(archive: Path, root: Path) -> int:
                 raise DownloadError(
                     f"{archive}: refusing member {info.filename!r}: device or special file"
                 )
+        # Each link is fine on its own; now the links together (and with any already there).
+        names = [(rel.parts, info.filename) for info, rel, _ in plan]
+        _duplicate_links(archive, names, links)
+        tree = _LinkTree(archive, root, links)
+        for info, rel, _kind in plan:
+            tree.check(rel.parts, info.filename, link=links.get(rel.parts))
         n_files = 0
         # Links last, so that no regular member can be written through a link from the archive.
         for info, rel, kind in sorted(plan, key=lambda item: item[2] == "link"):
@@ -485,7 +678,7 @@ def _extract_zip(archive: Path, root: Path) -> int:
                     out.mkdir(parents=True, exist_ok=True)
                 elif kind == "link":
                     out.parent.mkdir(parents=True, exist_ok=True)
-                    os.symlink(zf.read(info).decode("utf-8"), out)
+                    os.symlink(links[rel.parts], out)
                 else:
                     out.parent.mkdir(parents=True, exist_ok=True)
                     with zf.open(info) as src, open(out, "wb") as dst:
@@ -495,6 +688,8 @@ def _extract_zip(archive: Path, root: Path) -> int:
                 raise DownloadError(
                     f"{archive}: extracting member {info.filename!r} failed ({exc})"
                 ) from None
+    if tree.on_disk and links:
+        tree.check_disk(str(root))
     return n_files
 
 
@@ -701,6 +896,7 @@ class _Auth:
         self.auth = source.get("auth")
         self.scrubber = scrubber
         self._cache: dict[str, tuple[Any, dict[str, str]]] = {}
+        self._redirect_cache: dict[str, Any] = {}
         if self.auth is not None and not isinstance(self.auth, Mapping):
             raise DownloadError("source.auth: expected a mapping")
         inline = [k for k in (self.auth or {}) if _SECRET_KEY.match(str(k))]
@@ -728,6 +924,12 @@ class _Auth:
         spec = self.auth or {}
         if "token_env" in spec:
             token = _env_secret(spec, "token_env", self.scrubber)
+            if any(ord(c) < 32 or ord(c) == 127 for c in token) or token != token.strip():
+                raise DownloadError(
+                    f"environment variable {spec['token_env']} (auth.token_env) contains "
+                    "whitespace, a line break or another control character, which cannot go "
+                    "into an HTTP header (a trailing newline?); the value is not shown"
+                )
             headers["Authorization"] = f"Bearer {token}"
         elif "password_env" in spec or "username_env" in spec:
             user = _env_secret(spec, "username_env", self.scrubber)
@@ -740,6 +942,25 @@ class _Auth:
         self._cache[host] = (auth, headers)
         return auth, headers
 
+    def for_redirect(self, url: str) -> Any:
+        """Credentials for a redirect target on another origin: only its own netrc entry.
+
+        Credentials named in ``auth`` belong to the configured URL's host and never follow a
+        redirect elsewhere; with ``netrc: false`` nothing is looked up.
+        """
+        import requests
+
+        spec = self.auth or {}
+        if not spec.get("netrc", True) or {"token_env", "username_env", "password_env"} & set(spec):
+            return None
+        host = urlsplit(url).hostname or ""
+        if host not in self._redirect_cache:
+            found = _read_netrc(host, self.scrubber)
+            self._redirect_cache[host] = (
+                requests.auth.HTTPBasicAuth(*found) if found is not None else None
+            )
+        return self._redirect_cache[host]
+
 
 def _describe(exc: BaseException, scrubber: _Scrubber) -> str:
     return scrubber(f"{type(exc).__name__}: {exc}")
@@ -749,20 +970,66 @@ def _no_auth(request: Any) -> Any:
     return request
 
 
+def _is_cert_failure(exc: BaseException) -> bool:
+    """True if a certificate check failed somewhere in ``exc``'s chain (that will not heal)."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ssl.SSLCertVerificationError):
+            return True
+        todo.extend([*item.args, getattr(item, "reason", None), item.__cause__, item.__context__])
+    return False
+
+
+def _session(auth: _Auth, scrubber: _Scrubber, require_https: bool) -> Any:
+    """A requests session whose redirects keep secrets in and credentials at home."""
+    import requests
+
+    class Session(requests.Session):
+        def rebuild_auth(self, prepared_request: Any, response: Any) -> None:
+            old_url, new_url = response.request.url, prepared_request.url
+            # A redirect can hand over a credential of its own (a pre-signed URL): from here on
+            # it is scrubbed from urllib3's request log lines and from error messages.
+            scrubber.add(*_url_secrets(new_url))
+            if require_https and urlsplit(new_url).scheme.lower() != "https":
+                raise DownloadError(
+                    f"{redact_url(old_url)}: redirected to {redact_url(new_url)}; source type "
+                    "'https' refuses plain http"
+                )
+            # requests' own version drops Authorization for another origin, but then adds
+            # ~/.netrc credentials behind our back, even with 'auth: {netrc: false}'.
+            if self.should_strip_auth(old_url, new_url):
+                prepared_request.headers.pop("Authorization", None)
+                extra = auth.for_redirect(new_url)
+                if extra is not None:
+                    prepared_request.prepare_auth(extra)
+
+    return Session()
+
+
 class _Fetcher:
     """Resumable, retrying, verifying download of single files into a cache folder."""
 
     def __init__(
-        self, opts: _HttpOptions, auth: _Auth, scrubber: _Scrubber, cache: Path, *, progress: bool
+        self,
+        opts: _HttpOptions,
+        auth: _Auth,
+        scrubber: _Scrubber,
+        cache: Path,
+        *,
+        progress: bool,
+        require_https: bool = False,
     ) -> None:
-        import requests
-
         self.cache = cache
         self.progress = progress
         self.opts = opts
         self.auth = auth
         self.scrubber = scrubber
-        self.session = requests.Session()
+        self.session = _session(auth, scrubber, require_https)
         # Proxies from the environment are welcome, but requests' own netrc lookup is not:
         # _Auth applies netrc itself, and a session-level no-op auth keeps requests from adding
         # it behind our back (so 'auth: {netrc: false}' really disables it).
@@ -973,6 +1240,13 @@ class _Fetcher:
                     finally:
                         out.flush()
                         os.fsync(out.fileno())
+        except requests.exceptions.SSLError as exc:
+            if _is_cert_failure(exc):
+                raise DownloadError(
+                    f"{item.redacted}: the server's TLS certificate failed verification "
+                    f"({_describe(exc, self.scrubber)}); for a private CA set REQUESTS_CA_BUNDLE"
+                ) from None
+            raise _Retryable(_describe(exc, self.scrubber)) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _Retryable(_describe(exc, self.scrubber)) from None
         except (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError) as exc:
@@ -1039,7 +1313,14 @@ def _acquire_http(
 
     def fetcher() -> _Fetcher:
         if not hasattr(local, "fetcher"):
-            local.fetcher = _Fetcher(opts, auth, scrubber, cache, progress=workers == 1)
+            local.fetcher = _Fetcher(
+                opts,
+                auth,
+                scrubber,
+                cache,
+                progress=workers == 1,
+                require_https=source["type"] == "https",
+            )
             with fetchers_lock:
                 fetchers.append(local.fetcher)
         return local.fetcher

@@ -7,6 +7,7 @@ Every image that enters a shard passes through here, whatever its source format:
   8 bits or fewer and ``uint16`` for deeper ones, so bit depth is never silently thrown away.
 * DICOM goes through the standard display pipeline: Modality LUT / rescale, then VOI LUT or
   windowing, then MONOCHROME1 inversion, so that lungs are dark in every output image.
+* PNG / JPEG / TIFF are turned upright by their EXIF Orientation tag, as viewers show them.
 * Resizing uses area averaging when shrinking (no aliasing of rib edges) and bicubic when
   growing; masks use nearest neighbour so label bits are never blended.
 * Encoding is deterministic: Pillow writes no timestamps or text chunks unless asked, and the
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +89,20 @@ def _pil_to_array(img: Image.Image, path: Path | str) -> np.ndarray:
     raise ImageDecodeError(path, f"unsupported image mode {mode!r}")
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF Orientation tag (JPEG, PNG eXIf, TIFF), as every image viewer does."""
+    if img.getexif().get(0x0112, 1) in (None, 1):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
 def _load_pil(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
-            return _pil_to_array(img, path)
+            return _pil_to_array(_upright(img), path)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError as exc:
@@ -147,7 +155,11 @@ def _load_dicom(path: Path) -> np.ndarray:
 
     try:
         if photometric == "PALETTE COLOR":
-            return _rgb_to_gray(apply_color_lut(arr, ds).astype(np.float64), out_dtype)
+            # Palette entries are 8- or 16-bit whatever the index depth (pydicom returns uint8 or
+            # uint16 to match): scale them onto the output range before taking the luma.
+            rgb = apply_color_lut(arr, ds)
+            scale = _max_value(out_dtype) / _max_value(rgb.dtype)
+            return _rgb_to_gray(rgb.astype(np.float64) * scale, out_dtype)
         if arr.ndim == 3:
             # Colour samples: pydicom already converted YBR to RGB. Scale to the output range.
             top = 2**bits - 1
@@ -162,7 +174,7 @@ def _load_dicom(path: Path) -> np.ndarray:
             values = apply_voi_lut(values, ds)
             lo, hi = _voi_output_range(ds)
             out = _to_range(values, lo, hi, out_dtype)
-        elif not has_modality and arr.dtype == np.uint8:
+        elif not has_modality and arr.dtype == np.uint8 and bits == 8:
             out = arr.astype(np.uint8)  # plain 8-bit data is kept bit-exact
         else:
             # No display window recorded: stretch the data range, as DICOM viewers do.
@@ -203,10 +215,10 @@ def load_image(path: Path | str) -> np.ndarray:
     """Decode an image file to a 2-D grayscale array, keeping its bit depth.
 
     PNG/JPEG/TIFF are read with Pillow (8-bit → ``uint8``, 16-bit → ``uint16``, colour →
-    luma). DICOM (by suffix or the ``DICM`` magic) is decoded with pydicom, the Modality LUT and
-    VOI LUT / window applied, MONOCHROME1 inverted, the first frame of multi-frame objects kept,
-    colour converted to luma; sources of ≤ 8 stored bits give ``uint8``, deeper ones ``uint16``
-    spanning the full 0..65535 range.
+    luma, EXIF orientation applied). DICOM (by suffix or the ``DICM`` magic) is decoded with
+    pydicom, the Modality LUT and VOI LUT / window applied, MONOCHROME1 inverted, the first
+    frame of multi-frame objects kept, colour (and palette colour) converted to luma; sources
+    of ≤ 8 stored bits give ``uint8``, deeper ones ``uint16`` spanning the full 0..65535 range.
 
     Raises:
         ImageDecodeError: naming the file and the problem (missing, unreadable, unsupported).
@@ -233,7 +245,7 @@ def load_mask(path: Path | str) -> np.ndarray:
             img.load()
             if img.mode not in ("L", "P", "1", "I;16", "I"):
                 raise ImageDecodeError(path, f"mask must be single-channel, got mode {img.mode!r}")
-            arr = np.asarray(img)
+            arr = np.asarray(_upright(img))
     except ImageDecodeError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:

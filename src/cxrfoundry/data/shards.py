@@ -13,13 +13,17 @@ Why it is built the way it is:
   timing nor the worker count changes the output. Encoding settings are fixed, so reruns give
   byte-identical files.
 * **Resumable.** Each shard is completed in ``work_dir`` (outside the Snakemake output) with a
-  ``.done.json`` recording its input fingerprint and sha256. A rerun after a kill reuses every
-  finished shard whose fingerprint and hash still match and rebuilds the rest; the final output
-  folder is then published atomically. A killed run + rerun equals an uninterrupted run.
+  ``.done.json`` recording its input fingerprint (rows, settings, and the source of this module
+  and the decoding code it imports) and sha256. A rerun after a kill reuses every finished shard
+  whose fingerprint and hash still match and rebuilds the rest; the final output folder is then
+  published atomically. A killed run + rerun equals an uninterrupted run.
 * **Streaming, bounded memory, parallel.** Rows flow through a process pool in small ordered
-  chunks with a bounded number in flight; the parent only ever holds the current row group.
-* **Nothing is dropped silently.** Rows whose image (or mask) cannot be decoded, duplicated
-  ``image_id`` values and unknown splits go to ``rejects.parquet`` with a reason, and
+  chunks with a bounded number in flight; the parent only ever holds the current row group. A
+  worker that dies (a decoder crash, the OOM killer) restarts the pool; the rows it may have
+  held are re-run one per process, and the one that kills its process becomes a reject.
+* **Nothing is dropped silently.** Rows whose image (or mask) cannot be decoded, masks that
+  cannot line up with their image, nulls in required columns, duplicated ``image_id`` values
+  and unknown splits go to ``rejects.parquet`` with a reason, and
   ``rows_in == rows_written + rows_rejected`` is asserted and recorded in ``index.json``.
 """
 
@@ -34,8 +38,12 @@ import multiprocessing
 import os
 import shutil
 import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -163,6 +171,7 @@ def encode_file(
     nearest neighbour under the same policy, so it stays aligned with the image.
     """
     img = imaging.load_image(image_path)
+    source_shape = img.shape
     if settings.equalize:
         # Before resizing: letterbox padding would otherwise distort the histogram.
         img = imaging.equalize(img)
@@ -173,11 +182,33 @@ def encode_file(
     mask_bytes = None
     if mask_path is not None:
         mask = imaging.load_mask(mask_path)
+        if not _aligned(mask.shape, source_shape):
+            raise imaging.ImageDecodeError(
+                mask_path,
+                f"mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
+                f"{source_shape[0]}x{source_shape[1]} (height x width): the aspect ratios "
+                "differ, so the resized mask would not line up with the image",
+            )
         mask = imaging.resize(
             mask, settings.image_size, settings.resize_policy, interpolation="nearest"
         )
         mask_bytes = imaging.encode_image(mask, "png")
     return data, int(img.shape[0]), int(img.shape[1]), mask_bytes
+
+
+#: Largest relative difference of the two axes' scale factors for a mask to count as aligned.
+MASK_ASPECT_TOLERANCE = 0.01
+
+
+def _aligned(mask_shape: tuple[int, ...], image_shape: tuple[int, ...]) -> bool:
+    """Whether a mask lines up with its image once both are resized (same or scaled geometry).
+
+    Masks at another resolution (JSRT/SCR-style half-size masks) are fine as long as both axes
+    scale by the same factor; a transposed or cropped mask is not.
+    """
+    scale_y = image_shape[0] / mask_shape[0]
+    scale_x = image_shape[1] / mask_shape[1]
+    return abs(scale_y - scale_x) <= MASK_ASPECT_TOLERANCE * max(scale_y, scale_x)
 
 
 def _encode_task(
@@ -201,25 +232,158 @@ def _encode_task(
     return out
 
 
+class WorkerPool:
+    """Decoding processes that survive one of them dying.
+
+    ``multiprocessing.Pool`` silently replaces a worker killed by a signal (a segfault in a C
+    decoder on a malformed file, the kernel's OOM killer) and never completes the task it held,
+    so the job would wait forever. ``concurrent.futures`` reports it instead
+    (``BrokenProcessPool``); :func:`ordered_parallel_map` then restarts the pool and hands the
+    lost items to a recovery function.
+    """
+
+    def __init__(self, workers: int, ctx: Any | None = None) -> None:
+        self.workers = workers
+        self.ctx = ctx or multiprocessing.get_context()
+        self.executor = self._new()
+
+    def _new(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=self.ctx, initializer=_exit_with_parent
+        )
+
+    def submit(self, fn: Callable[[T], R], item: T) -> Future:
+        return self.executor.submit(fn, item)
+
+    def restart(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.executor = self._new()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _exit_with_parent(poll_s: float = 0.5) -> None:
+    """Worker initializer: end this worker when the process that started it is gone.
+
+    ``concurrent.futures`` workers block on their task queue and would outlive a parent killed
+    by SIGKILL (a hard kill of the job) forever, holding its log pipes open.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def ordered_parallel_map(
-    fn: Callable[[T], R], items: Iterable[T], pool: Any | None, window: int
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    pool: WorkerPool | None,
+    window: int,
+    *,
+    recover: Callable[[T], R] | None = None,
 ) -> Iterator[R]:
     """``map(fn, items)`` over a process pool, in order, with at most ``window`` tasks in flight.
 
     ``Pool.imap`` would also keep order, but its feeder thread submits every task at once and
     finished results pile up without bound when the consumer is slower than the workers; the
     window here keeps memory proportional to ``window`` chunks whatever the corpus size.
+
+    When a worker process dies, every item whose result was lost with the pool goes, in order,
+    to ``recover(item)`` (which must produce the same result ``fn`` would, or a per-item error),
+    and the map carries on with a fresh pool. Without ``recover`` the ``BrokenProcessPool``
+    propagates.
     """
     if pool is None:
         yield from map(fn, items)
         return
-    pending: deque[Any] = deque()
-    for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
-        if len(pending) >= window:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+    pending: deque[tuple[T, Future]] = deque()
+    source = iter(items)
+    exhausted = False
+    while True:
+        while not exhausted and len(pending) < window:
+            try:
+                item = next(source)
+            except StopIteration:
+                exhausted = True
+                break
+            pending.append((item, pool.submit(fn, item)))
+        if not pending:
+            return
+        item, future = pending.popleft()
+        try:
+            result = future.result()
+        except BrokenProcessPool:
+            if recover is None:
+                raise
+            lost = [(item, future), *pending]
+            pending.clear()
+            logger.warning(
+                "a worker process died; re-running %d in-flight tasks one at a time", len(lost)
+            )
+            pool.restart()
+            for lost_item, lost_future in lost:
+                if lost_future.done() and lost_future.exception() is None:
+                    yield lost_future.result()  # finished before the pool broke
+                else:
+                    yield recover(lost_item)
+            continue
+        yield result
+
+
+def _child_main(fn: Callable[[T], R], item: T, conn: Any) -> None:
+    conn.send(fn(item))
+    conn.close()
+
+
+def run_in_child(fn: Callable[[T], R], item: T, ctx: Any | None = None) -> tuple[R | None, str]:
+    """Run ``fn(item)`` in a process of its own: ``(result, "")``, or ``(None, how it died)``."""
+    ctx = ctx or multiprocessing.get_context()
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(fn, item, send), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        result = receive.recv()  # before join: a large result would block the child's send
+    except EOFError:
+        result = None
+    finally:
+        receive.close()
+        proc.join()
+    if result is not None:
+        return result, ""
+    code = proc.exitcode
+    if code is not None and code < 0:
+        try:
+            how = f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"killed by signal {-code}"
+    else:
+        how = f"exit code {code}"
+    return None, how
+
+
+def _encode_isolated(
+    task: list[tuple[int, str, str | None, str, str | None]],
+    settings: EncodeSettings,
+    ctx: Any | None = None,
+) -> list[Encoded]:
+    """Recovery for :func:`_encode_task` after a worker died: each row in a process of its own,
+    so the row that kills its process becomes a reject and every other row is encoded as usual."""
+    out = []
+    for entry in task:
+        result, how = run_in_child(partial(_encode_task, settings=settings), [entry], ctx)
+        if result is not None:
+            out.extend(result)
+            continue
+        row, _, _, image_rel, mask_rel = entry
+        also = f" (with mask {mask_rel})" if mask_rel else ""
+        out.append(Encoded(row, error=f"image {image_rel}{also}: decoding process died ({how})"))
+    return out
 
 
 def _gather(sources: Sequence[ShardSource]) -> _Corpus:
@@ -244,11 +408,16 @@ def _gather(sources: Sequence[ShardSource]) -> _Corpus:
     )
     image_ids = corpus.table.column("image_id").to_pylist()
     splits = corpus.table.column("split").to_pylist()
+    missing = _missing_required(corpus.table)
     first_seen: dict[str, int] = {}
     keep = np.ones(len(image_ids), dtype=bool)
     for row, (image_id, split) in enumerate(zip(image_ids, splits, strict=True)):
         reason = None
-        if image_id in first_seen:
+        if row in missing:
+            # Checked first: a null image_id is no key for duplicates, and a null value in a
+            # non-nullable column would otherwise fail the whole Parquet write.
+            reason = f"missing value in required column {missing[row]!r}"
+        elif image_id in first_seen:
             other = first_seen[image_id]
             reason = (
                 f"duplicate image_id (first seen in {sources[corpus.source_of[other]].dataset} "
@@ -256,7 +425,8 @@ def _gather(sources: Sequence[ShardSource]) -> _Corpus:
             )
         elif split not in SPLITS:
             reason = f"unknown split {split!r}; expected one of {SPLITS}"
-        first_seen.setdefault(image_id, row)
+        if row not in missing:
+            first_seen.setdefault(image_id, row)
         if reason is not None:
             keep[row] = False
             corpus.rejects.append(_reject(corpus, sources, row, reason))
@@ -271,6 +441,24 @@ def _gather(sources: Sequence[ShardSource]) -> _Corpus:
     corpus.image_paths = corpus.table.column("image_path").to_pylist()
     corpus.mask_paths = corpus.table.column("mask_path").to_pylist()
     return corpus
+
+
+def _missing_required(table: pa.Table) -> dict[int, str]:
+    """Row -> first column (schema order) that is null but may not be, for the rows that have one.
+
+    ``conform`` casts columns but does not check nullability, so report tables can carry nulls
+    in columns the shard schema declares non-nullable.
+    """
+    missing: dict[int, str] = {}
+    for schema_field in REPORTS_SCHEMA:
+        if schema_field.nullable:
+            continue
+        column = table.column(schema_field.name)
+        if column.null_count == 0:
+            continue
+        for row in np.flatnonzero(np.asarray(column.is_null())):
+            missing.setdefault(int(row), schema_field.name)
+    return missing
 
 
 def _reject(corpus: _Corpus, sources: Sequence[ShardSource], row: int, reason: str) -> dict:
@@ -328,10 +516,27 @@ def _plan_rows_per_shard(
     return rows
 
 
-def _fingerprint(shard: _Shard, corpus: _Corpus, params: dict[str, Any]) -> str:
+def _code_version() -> str:
+    """Hash of this module's source and every ``cxrfoundry`` module it imports (decoding included).
+
+    The rule's ``code`` param makes Snakemake rerun the job when these change; the fingerprint
+    must change too, or the rerun would reuse shards the old code left in ``work_dir``.
+    """
+    from cxrfoundry.provenance import code_hash
+
+    try:
+        return code_hash(__name__)
+    except (OSError, ValueError) as exc:  # no sources installed: fall back to FORMAT_VERSION
+        logger.warning("cannot hash the shard code (%s); work shards are keyed without it", exc)
+        return ""
+
+
+def _fingerprint(shard: _Shard, corpus: _Corpus, params: dict[str, Any], code: str = "") -> str:
     """Hash of everything that determines a shard's bytes: code version, settings, its rows."""
     digest = hashlib.sha256()
-    digest.update(cio.dumps_json({"format": FORMAT_VERSION, "params": params}).encode())
+    digest.update(
+        cio.dumps_json({"format": FORMAT_VERSION, "code": code, "params": params}).encode()
+    )
     digest.update(shard.name.encode())
     rows = corpus.table.take(pa.array(shard.rows)).to_pylist()
     for row_id, record in zip(shard.rows, rows, strict=True):
@@ -521,7 +726,8 @@ def write_shards(
         target_shard_mb: target shard size; rows per shard are planned from an estimate.
         row_group_size: rows per Parquet row group.
         seed: seeds the per-split permutation.
-        workers: decoding processes (``<= 1`` decodes in this process). Does not change output.
+        workers: decoding processes (``<= 1`` decodes in this process, where a crashing decoder
+            takes the job down with it). Does not change output.
         work_dir: scratch folder for finished shards (reused on rerun); defaults to
             ``out_dir.parent / ".work" / out_dir.name``.
         chunk_size: rows per task sent to a worker.
@@ -545,16 +751,16 @@ def write_shards(
     rows_in = data.table.num_rows
 
     workers = max(1, int(workers))
-    ctx = multiprocessing.get_context()
-    pool = ctx.Pool(workers) if workers > 1 else None
+    pool = WorkerPool(workers) if workers > 1 else None
     encode = partial(_encode_task, settings=settings)
+    recover = partial(_encode_isolated, settings=settings, ctx=pool.ctx if pool else None)
     window = 4 * workers
     try:
         # 1. Estimate bytes per row from the first rows of the permutation (deterministic).
         head = plan_order[:ESTIMATE_ROWS]
         cache: dict[int, Encoded] = {}
         head_tasks = ([_task_for(data, int(r)) for r in c] for c in _chunks(head, 2))
-        for results in ordered_parallel_map(encode, head_tasks, pool, window):
+        for results in ordered_parallel_map(encode, head_tasks, pool, window, recover=recover):
             cache.update({r.row: r for r in results})
         sizes = [len(r.image) + len(r.mask or b"") for r in cache.values() if r.error is None]
         bytes_per_pixel = 2 if bit_depth == 16 else 1
@@ -577,8 +783,9 @@ def write_shards(
             if split in order
             for number, rows in enumerate(_chunks(order[split], rows_per_shard))
         ]
+        code = _code_version()
         for shard in shards:
-            shard.fingerprint = _fingerprint(shard, data, params)
+            shard.fingerprint = _fingerprint(shard, data, params, code)
         done: dict[str, dict[str, Any]] = {}
         for shard in shards:
             record = _reusable(work_dir, shard)
@@ -604,7 +811,7 @@ def write_shards(
             mininterval=2.0,
         )  # fmt: skip
         try:
-            results_iter = ordered_parallel_map(encode, tasks(), pool, window)
+            results_iter = ordered_parallel_map(encode, tasks(), pool, window, recover=recover)
             for (shard, chunk), results in zip(chunk_shard, results_iter, strict=True):
                 if writer is None or writer.shard is not shard:
                     writer = _ShardWriter(
@@ -624,8 +831,7 @@ def write_shards(
             progress.close()
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.close()
 
     # 4. Publish: shards + rejects + index into out_dir, atomically as one folder.
     rejects = list(data.rejects)

@@ -120,7 +120,7 @@ def assign_splits(
     fractions: Mapping[str, float] | None = None,
     salt: str = "",
 ) -> tuple[list[str], dict[str, int]]:
-    """Assign a split to every row, patient-disjoint where the official split allows it.
+    """Assign a split to every row, patient-disjoint, within the official split where possible.
 
     Args:
         dataset: the dataset name (part of the hash).
@@ -132,11 +132,16 @@ def assign_splits(
 
     All rows of a patient get the same split: the patient's allowed set is the intersection of
     its rows' sets, and the patient is hashed over that set with renormalised fractions. When
-    an official split itself puts one patient in several splits the intersection is empty;
-    those rows keep their own official choice (hashed within it) and are counted.
+    an official split itself puts one patient in several splits (one patient id in two split
+    files) the intersection is empty; the patient then goes, whole, to the most held-out split
+    (:data:`HELD_OUT_ORDER`: test, then val, then train) among those its rows are officially in
+    (one-split sets; wider sets only when there are none), so the split stays patient-disjoint
+    and no image of an official test patient is trained on. Such patients and the rows moved
+    away from their official split are counted.
 
     Returns:
-        ``(splits, stats)`` with stats ``patients``, ``patients_official_conflict``.
+        ``(splits, stats)`` with stats ``patients``, ``patients_official_conflict``,
+        ``rows_moved_from_official_split``.
     """
     fractions = check_fractions(fractions or DEFAULT_FRACTIONS)
     every = frozenset(schema.SPLITS)
@@ -144,7 +149,15 @@ def assign_splits(
     for patient, allow in zip(patient_ids, allowed, strict=True):
         allow = every if allow is None else allow
         per_patient[patient] = per_patient.get(patient, every) & allow
-    conflicts = {p for p, s in per_patient.items() if not s}
+    # For a conflicting patient: the splits its rows are officially *in* (one-split sets; a
+    # wider set such as CheXpert's train rows' {train, test} is only a hashing domain), else
+    # every split its rows allow.
+    fixed: dict[str, set[str]] = defaultdict(set)
+    domain: dict[str, set[str]] = defaultdict(set)
+    for patient, allow in zip(patient_ids, allowed, strict=True):
+        if allow is not None and not per_patient[patient]:
+            (fixed if len(allow) == 1 else domain)[patient].update(allow)
+    conflicts = {p: _most_held_out(fixed[p] or domain[p]) for p, s in per_patient.items() if not s}
     cache: dict[tuple[str, frozenset[str]], str] = {}
 
     def pick(patient: str, allow: frozenset[str]) -> str:
@@ -158,18 +171,34 @@ def assign_splits(
         return cache[key]
 
     out = []
+    moved = 0
     for patient, allow in zip(patient_ids, allowed, strict=True):
         if patient in conflicts:
-            out.append(pick(patient, every if allow is None else allow))
+            out.append(conflicts[patient])
+            moved += int(allow is not None and conflicts[patient] not in allow)
         else:
             out.append(pick(patient, per_patient[patient]))
     if conflicts:
         logger.warning(
-            "%s: %d patients are in several official splits; their rows keep the official split",
+            "%s: %d patients are in several official splits; each goes whole to the most "
+            "held-out of them (%d rows moved from their official split)",
             dataset,
             len(conflicts),
+            moved,
         )
-    return out, {"patients": len(per_patient), "patients_official_conflict": len(conflicts)}
+    return out, {
+        "patients": len(per_patient),
+        "patients_official_conflict": len(conflicts),
+        "rows_moved_from_official_split": moved,
+    }
+
+
+#: Conflict resolution order for a patient in several official splits: most held-out first.
+HELD_OUT_ORDER: tuple[str, ...] = ("test", "val", "train")
+
+
+def _most_held_out(splits: set[str]) -> str:
+    return next(s for s in HELD_OUT_ORDER if s in splits)
 
 
 def _pad(fractions: Mapping[str, float]) -> dict[str, float]:

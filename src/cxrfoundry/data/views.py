@@ -13,6 +13,13 @@ Two parts:
   → the ``unknown_policy`` for what remains. Every row ends in exactly one output, with a
   reason, and the audit counts add up.
 
+  A *frontal of unknown side* — metadata that says ``Frontal`` without AP/PA (CheXpert's
+  ``Frontal/Lateral`` with an empty ``AP/PA`` cell, Open-I's projection), or the classifier's
+  "frontal", which cannot tell PA from AP — keeps view ``UNKNOWN`` and is decided frontal (by
+  ``metadata`` or ``classifier``) only when ``frontal_views`` holds every frontal view (PA, AP,
+  AP_SUPINE, the default). With a narrower ``frontal_views`` (e.g. PA only) such rows are not
+  let in as frontal: they go on to the next fallback and finally to ``unknown_policy``.
+
 Normalisation tables (keys are compared after upper-casing and collapsing ``_``/``-``/spaces):
 
 =====================  ==========================================================================
@@ -130,6 +137,10 @@ DECUBITUS: dict[str, str] = {
     "PA DECUBITUS": "PA",
 }
 _UNKNOWN = ("", "NONE", "NAN", "NULL", "UNK", "UNKNOWN", "FRONTAL", "N/A", "NA")
+#: Raw values that say "frontal" without saying which side (CheXpert ``Frontal`` with an empty
+#: AP/PA cell, Open-I's ``Frontal`` projection): normalised ``UNKNOWN`` (the side is unknown),
+#: but the filter decides them frontal from metadata (see :func:`filter_frontal`).
+_FRONTAL_UNSIDED = ("FRONTAL", "FRONT", "FRONTAL VIEW")
 
 #: The generic table: canonical key → normalised view.
 VIEW_TABLE: dict[str, str] = {
@@ -177,6 +188,11 @@ def canonical(raw: Any) -> str:
     text = str(raw).strip().upper()
     text = re.sub(r"[_\-/]+", " ", text)
     return re.sub(r"\s+", " ", text).strip()
+
+
+def is_frontal_unsided(raw: Any) -> bool:
+    """Whether ``raw`` says frontal without a side ("Frontal"; not "Frontal/LL", a conflict)."""
+    return canonical(raw) in _FRONTAL_UNSIDED
 
 
 def is_decubitus(raw: Any) -> bool:
@@ -524,6 +540,9 @@ def filter_frontal(
     table = schema.conform(manifest, schema.MANIFEST_SCHEMA)
     rows = table.to_pylist()
     frontal_views = set(cfg["frontal_views"])
+    # A frontal of unknown side (metadata "Frontal", or the classifier's call, which cannot tell
+    # PA from AP) may be any frontal view: it is accepted only when every frontal view is.
+    unsided_ok = frontal_views >= schema.FRONTAL_VIEWS
     n = len(rows)
 
     # Per row: (decision: frontal|excluded|unknown, source, reason)
@@ -548,6 +567,10 @@ def filter_frontal(
         if row["view"] != "UNKNOWN":
             src = row["view_source"] if row["view_source"] in ("metadata", "dicom") else "metadata"
             decide_known(i, row["view"], src)
+        elif unsided_ok and is_frontal_unsided(row["view_raw"]):
+            # metadata says frontal, side unknown: frontal; the view stays UNKNOWN
+            decision[i], source[i] = "frontal", "metadata"
+            row["view_source"] = "metadata"
 
     # 2. DICOM tags for DICOM files still unknown (ingest may not have looked, e.g. CSV sources)
     n_dicom_tried = 0
@@ -580,6 +603,7 @@ def filter_frontal(
         "n_unknown": len(unknown_idx),
         "n_predicted": 0,
         "n_decided": 0,
+        "n_frontal_side_unknown": 0,
     }
     if clf_cfg["enabled"] and unknown_idx:
         known_idx = [
@@ -618,6 +642,10 @@ def filter_frontal(
                 for (i, _), pf in zip(ok, p_frontal, strict=True):
                     conf = max(pf, 1.0 - pf)
                     if conf < clf_cfg["min_confidence"]:
+                        continue
+                    if pf >= 0.5 and not unsided_ok:
+                        # frontal, but PA vs AP unknown and not every frontal view is wanted
+                        clf_stats["n_frontal_side_unknown"] += 1
                         continue
                     clf_stats["n_decided"] += 1
                     rows[i]["view_source"] = "classifier"

@@ -289,6 +289,7 @@ def ingest(
         "splits": dict(sorted(Counter(r["split"] for r in manifest_rows).items())),
         "patients": split_stats["patients"],
         "patients_official_conflict": split_stats["patients_official_conflict"],
+        "rows_moved_from_official_split": split_stats["rows_moved_from_official_split"],
         "adapter": dict(sorted(ctx.stats.items())),
     }
     if counts["rows_in"] != counts["rows_kept"] + counts["rows_rejected"]:

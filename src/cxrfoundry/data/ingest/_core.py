@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,14 +137,38 @@ def records(frame: pd.DataFrame) -> list[dict[str, str]]:
     return frame.to_dict(orient="records")
 
 
+#: Age groups of de-identified releases (BRAX: 5-year groups, the oldest "85 or more"):
+#: open-ended "85 or more" / "85 or older" / "85+" / ">=85", and ranges "40 - 44" / "40 to 44".
+_AGE_OPEN = re.compile(r"^(?:>=?\s*(\d+)|(\d+)\s*(?:\+|or more|or older|and over))$", re.I)
+_AGE_RANGE = re.compile(r"^(\d+)\s*(?:-|\u2013|to)\s*(\d+)$", re.I)
+
+
+def _age_group(value: Any) -> float | None:
+    """The lower bound of an age-group text ("85 or more" → 85, "40 - 44" → 40), else None."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    match = _AGE_RANGE.match(text)
+    if match:
+        low, high = int(match.group(1)), int(match.group(2))
+        return float(low) if low <= high else None
+    match = _AGE_OPEN.match(text)
+    if match:
+        return float(match.group(1) or match.group(2))
+    return None
+
+
 def check_age(value: Any) -> float | None:
-    """Parse an age (years, or DICOM AS); None when blank.
+    """Parse an age (years, DICOM AS, or an age group); None when blank.
+
+    Age groups (BRAX publishes 5-year groups and "85 or more") give the group's lower bound.
 
     Raises:
         RowError: ``impossible age: <value>`` when not a number or outside [0, 120].
     """
+    group = _age_group(value)
     try:
-        age = dicom_tags.parse_age(value)
+        age = group if group is not None else dicom_tags.parse_age(value)
     except ValueError as exc:
         raise RowError(f"impossible age: {value}") from exc
     if age is None:
@@ -299,26 +324,43 @@ def metadata_view(
     return view_raw, view, "metadata" if view != "UNKNOWN" else "none"
 
 
-def index_files(root: Path, suffixes: Iterable[str]) -> dict[str, str]:
-    """Walk ``root`` once: file name → path relative to root, for files with ``suffixes``.
+def walk_files(root: Path, suffixes: Iterable[str]) -> list[Path]:
+    """Files under ``root`` whose names end in ``suffixes`` (case-insensitive), in walk order.
 
-    Names found twice keep the first in sorted path order (logged), so reruns agree.
+    Folders are visited in sorted order, each file list sorted, so reruns agree. Symlinked
+    folders are followed, as the acquire stage does (a raw folder whose image folders are
+    linked in from elsewhere); a folder reached twice through links is visited once, so link
+    cycles cannot loop. Paths keep the linked (not resolved) form below ``root``.
     """
     import os
 
     wanted = tuple(s.lower() for s in suffixes)
+    seen: set[str] = set()
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        found.extend(Path(dirpath, n) for n in sorted(filenames) if n.lower().endswith(wanted))
+    return found
+
+
+def index_files(root: Path, suffixes: Iterable[str]) -> dict[str, str]:
+    """Walk ``root`` once (:func:`walk_files`): file name → path relative to root.
+
+    Names found twice keep the first in walk order (logged), so reruns agree.
+    """
     found: dict[str, str] = {}
     dupes = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if not name.lower().endswith(wanted):
-                continue
-            rel = Path(dirpath, name).relative_to(root).as_posix()
-            if name in found:
-                dupes += 1
-                continue
-            found[name] = rel
+    for path in walk_files(root, suffixes):
+        name = path.name
+        if name in found:
+            dupes += 1
+            continue
+        found[name] = path.relative_to(root).as_posix()
     if dupes:
         logger.warning("%s: %d file names occur in more than one folder; first kept", root, dupes)
     return found

@@ -13,7 +13,10 @@ option             default column             use
                                               ``StudyID``; patient_id when none exists)
 ``view_col``       ``ViewPosition``           PA, AP, AP LLD, L, RL, RLO, LT-DECUB, empty
 ``sex_col``        ``PatientSex``             M/F (O and blanks → null)
-``age_col``        ``PatientAge``             years or DICOM AS (``045Y``)
+``age_col``        ``PatientAge``             years, DICOM AS (``045Y``) or an age group:
+                                              BRAX publishes 5-year groups, the oldest
+                                              ``85 or more`` → 85 (a range → its lower
+                                              bound)
 =================  =========================  =============================================
 
 The 14 CheXpert columns (``No Finding`` … ``Support Devices``, values 1/0/-1/blank) are read

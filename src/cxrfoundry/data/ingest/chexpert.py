@@ -22,8 +22,10 @@ not in the release); ``train_rows: train`` keeps them all in train. A CheXpert-P
 column overrides both.
 
 Views: ``Frontal/Lateral`` = Lateral → ``LATERAL``; Frontal → the ``AP/PA`` value (AP, PA);
-Frontal with an empty or contradictory side (LL/RL) → ``UNKNOWN`` (decided later by the
-filter). view_raw is ``"Frontal/AP"``-style text.
+Frontal with an empty or contradictory side (LL/RL) → ``UNKNOWN``. view_raw is
+``"Frontal/AP"``-style text, just ``"Frontal"`` when the side is empty: the filter takes that as
+a frontal of unknown side from metadata (:func:`views.filter_frontal`); a contradictory
+``"Frontal/LL"`` is left to its fallbacks.
 
 image_id = ``{dataset}/{path without release folder and extension}`` (e.g.
 ``chexpert/train/patient00001/study1/view1_frontal``); patient_id = ``patientNNNNN`` from the

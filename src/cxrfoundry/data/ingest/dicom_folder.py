@@ -25,7 +25,6 @@ Optional labels: ``labels_csv`` (default None) joined on ``labels_key`` (its col
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from cxrfoundry.data.ingest._core import (
     rel_path,
     resolve_file,
     text_or_none,
+    walk_files,
     wrap_row_errors,
 )
 
@@ -64,13 +64,11 @@ DICOM_KEYS = ("sop", "path", "stem", "PatientID", "StudyInstanceUID")
 
 
 def find_dicoms(raw_root: Path, suffixes: list[str]) -> list[Path]:
-    """Every file under ``raw_root`` ending in one of ``suffixes``, in sorted path order."""
-    wanted = tuple(s.lower() for s in suffixes)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(raw_root):
-        dirnames.sort()
-        found.extend(Path(dirpath, n) for n in sorted(filenames) if n.lower().endswith(wanted))
-    return sorted(found)
+    """Every file under ``raw_root`` ending in one of ``suffixes``, in sorted path order.
+
+    Symlinked folders are followed, each real folder once (:func:`_core.walk_files`).
+    """
+    return sorted(walk_files(raw_root, suffixes))
 
 
 def _labels(raw_root: Path, options: dict[str, Any]) -> tuple[dict[str, dict[str, str]], str]:

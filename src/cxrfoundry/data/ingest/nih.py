@@ -67,7 +67,9 @@ REQUIRED = ("Image Index", "Finding Labels", "Patient ID", "View Position")
 
 
 def _read_list(path: Path) -> set[str]:
-    return {line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+    # utf-8-sig: a list saved with a byte-order mark must not hide its first image name
+    text = path.read_text(encoding="utf-8-sig")
+    return {line.strip() for line in text.splitlines() if line.strip()}
 
 
 def read_boxes(path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -75,7 +77,7 @@ def read_boxes(path: Path) -> dict[str, list[dict[str, Any]]]:
     import csv
 
     boxes: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         next(reader, None)
         for line_no, cells in enumerate(reader, start=2):

@@ -9,12 +9,13 @@ columns used ``ImageID``, ``ImageDir``, ``PatientID``, ``StudyID``, ``PatientSex
 * view: ``Projection`` (PA, AP, AP_horizontal → ``AP_SUPINE``, L → ``LATERAL``, COSTAL and
   EXCLUDE → ``OTHER``, UNK → ``UNKNOWN``).
 * age = year of StudyDate − PatientBirth (PadChest publishes only the birth year, so ages are
-  whole years, ±1).
+  whole years, ±1); a blank, ``None`` or ``nan`` birth year or study date → null age.
 * labels: ``Labels`` is a Python-list string (``"['normal']"``) read with ``ast.literal_eval``;
   a value that is not a list of strings rejects the row (``unparseable label value``); a blank
-  cell gives null labels. Terms map by :data:`labels.PADCHEST_TO_CHEXPERT`; PadChest labels
-  cover the whole report, so unmentioned findings are 0 (``unmentioned``: ``negative``, or
-  ``null``). Every positive term is kept in ``labels_extra`` as ``{term: 1}``.
+  cell (or the CSV's missing-value text ``None`` / ``nan``) gives null labels. Terms map by
+  :data:`labels.PADCHEST_TO_CHEXPERT`; PadChest labels cover the whole report, so unmentioned
+  findings are 0 (``unmentioned``: ``negative``, or ``null``). Every positive term is kept in
+  ``labels_extra`` as ``{term: 1}``.
 * report: the (Spanish, preprocessed) ``Report`` text, verbatim.
 """
 
@@ -56,9 +57,18 @@ OPTIONS: dict[str, Any] = {
 REQUIRED = ("ImageID", "PatientID", "Projection", "Labels")
 
 
+#: How the PadChest CSV writes a missing value besides an empty cell ("None", "nan": see its
+#: ViewPosition_DICOM and PixelAspectRatio_DICOM columns).
+MISSING_TOKENS = frozenset({"none", "nan", "null"})
+
+
+def _missing(value: str | None) -> bool:
+    return is_blank(value) or str(value).strip().lower() in MISSING_TOKENS
+
+
 def parse_terms(value: str) -> list[str] | None:
-    """``"['a', 'b']"`` → ['a', 'b']; blank → None; raises RowError when unparseable."""
-    if is_blank(value):
+    """``"['a', 'b']"`` → ['a', 'b']; blank/missing → None; raises RowError when unparseable."""
+    if _missing(value):
         return None
     try:
         parsed = ast.literal_eval(value.strip())
@@ -72,7 +82,7 @@ def parse_terms(value: str) -> list[str] | None:
 def _age(row: dict[str, str]) -> float | None:
     birth = (row.get("PatientBirth") or "").strip()
     study = (row.get("StudyDate_DICOM") or "").strip()
-    if not birth or not study:
+    if _missing(birth) or _missing(study):
         return None
     try:
         birth_year = float(birth)
