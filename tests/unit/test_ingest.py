@@ -194,6 +194,7 @@ def test_write_ingest_deterministic(tmp_path: Path) -> None:
     assert audit["rows_in"] == audit["rows_kept"] + audit["rows_rejected"] == 10
     assert audit["adapter"] == {
         "annotations_matched": 0,
+        "official_lists": ["train_val_list.txt", "test_list.txt"],
         "official_split": True,
         "png_files_found": 8,
     }
@@ -976,6 +977,18 @@ def test_nih_official_lists_with_bom_and_crlf(tmp_path: Path) -> None:
     rows = by_id(result)
     assert rows["nih/00000002_000"]["split"] == "test"
     assert rows["nih/00000001_000"]["split"] in ("train", "val")
+
+
+def test_nih_lone_test_list_still_holds_out_its_images(tmp_path: Path) -> None:
+    # only test_list.txt shipped (train_val_list.txt missing): its images must still go to
+    # test, never to train; the stats say which official lists were used
+    nih_fixture(tmp_path)
+    (tmp_path / "train_val_list.txt").unlink()
+    result = ingest("nih", "nih", tmp_path, {})
+    check_invariants(result)
+    assert by_id(result)["nih/00000002_000"]["split"] == "test"
+    assert result.counts["adapter"]["official_split"] is True
+    assert result.counts["adapter"]["official_lists"] == ["test_list.txt"]
 
 
 def test_brax_age_groups(tmp_path: Path) -> None:

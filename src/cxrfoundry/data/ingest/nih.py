@@ -10,8 +10,8 @@ Files (relative to raw_root unless absolute):
     ``Image Index``, ``Finding Label``, then x, y, w, h → ``boxes`` (pixel coordinates of the
     1024×1024 release images, as published).
 ``train_val_list`` / ``test_list`` (defaults ``train_val_list.txt`` / ``test_list.txt``)
-    the official split, used when both are present: test → ``test``; train_val → hashed
-    (per patient) into train/val; images in neither list → hashed over all splits.
+    the official split, each list used when present (one alone is enough): test → ``test``;
+    train_val → hashed (per patient) into train/val; images in no list → hashed over all splits.
 images
     every ``*.png`` under raw_root is indexed once (``images/``, the release's
     ``images_001/images/`` folders, ...); ``Image Index`` is looked up by file name.
@@ -105,12 +105,11 @@ def read(raw_root: Path, options: dict[str, Any], ctx: Context) -> list[Candidat
     boxes = read_boxes(bbox_path) if bbox_path else {}
     tv_path = optional_file(raw_root, options["train_val_list"], "train_val_list")
     test_path = optional_file(raw_root, options["test_list"], "test_list")
-    train_val, test = set(), set()
-    if tv_path and test_path:
-        train_val, test = _read_list(tv_path), _read_list(test_path)
-        ctx.stats["official_split"] = True
-    else:
-        ctx.stats["official_split"] = False
+    # Each list counts on its own: a lone test_list.txt still keeps its images out of training.
+    train_val = _read_list(tv_path) if tv_path else set()
+    test = _read_list(test_path) if test_path else set()
+    ctx.stats["official_split"] = bool(tv_path or test_path)
+    ctx.stats["official_lists"] = [p.name for p in (tv_path, test_path) if p]
     index = index_files(raw_root, (".png",))
     ctx.stats["png_files_found"] = len(index)
     unmentioned = options["unmentioned"]
