@@ -8,12 +8,14 @@ finished. JSON is written with sorted keys so reruns are byte-identical.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -83,6 +85,33 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temps(path: PathLike, suffixes: Sequence[str] = ("tmp",)) -> list[Path]:
+    """Remove what killed atomic writes of ``path`` left beside it; returns what was removed.
+
+    Only the exact names :func:`atomic_path` / :func:`atomic_dir` (``tempfile``) make for this
+    name are touched: ``.{name}.XXXXXXXX.{suffix}``. A looser pattern such as ``.ds.*.tmp`` would
+    also take ``.ds.v2.XXXXXXXX.tmp``, another output's write in progress. Call it only where no
+    other process may be writing ``path`` at the same time (a Snakemake job's own output).
+    """
+    target = Path(path)
+    if not target.parent.is_dir():
+        return []
+    ours = re.compile(
+        rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.(?:{'|'.join(map(re.escape, suffixes))})"
+    )
+    removed = []
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        if not ours.fullmatch(stale.name):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        removed.append(stale)
+    return removed
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:

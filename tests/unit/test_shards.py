@@ -317,6 +317,23 @@ def test_corrupt_work_shard_is_rebuilt(
     assert _files(out) == _files(ref_out)
 
 
+def test_folder_left_by_a_kill_while_publishing_is_removed(
+    sources: list[ShardSource], written: tuple[Path, dict], tmp_path: Path
+) -> None:
+    # a kill between atomic_dir's mkdtemp and its rename leaves '.out.XXXXXXXX.tmp' (hard
+    # links to work shards: disk kept forever); the rerun removes it, and only it
+    ref_out, _ = written
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.k7_2ab9q.tmp"
+    stale.mkdir()
+    (stale / "train-00000.parquet").write_bytes(b"half")
+    other = tmp_path / ".out.v2.k7_2ab9q.tmp"  # another output's write in progress
+    other.mkdir()
+    write_shards(sources, out, workers=1, work_dir=tmp_path / "work", **PARAMS)
+    assert _files(out) == _files(ref_out)
+    assert not stale.exists() and other.is_dir()
+
+
 def test_bad_settings_raise(sources: list[ShardSource], tmp_path: Path) -> None:
     params = {**PARAMS, "workers": 1}
     with pytest.raises(ValueError, match="resize_policy"):

@@ -81,7 +81,6 @@ import copy
 import email.utils
 import errno
 import fnmatch
-import glob
 import json
 import logging
 import netrc
@@ -107,7 +106,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urljoin, urlsplit
 
 from tqdm.auto import tqdm
 
-from cxrfoundry.io import dumps_json, read_json, sha256_file, write_json
+from cxrfoundry.io import dumps_json, read_json, remove_stale_temps, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -376,18 +375,7 @@ def _link_dir(target: Path, dest: Path) -> None:
 
 def _clean_stale(dest: Path) -> None:
     """Remove temporary siblings left by a run that was killed (they are never outputs)."""
-    if not dest.parent.is_dir():
-        return
-    # Exactly what mkdtemp makes for this name (8 characters of its alphabet): a glob such as
-    # '.ds.*.tmp' would also take '.ds.v2.<random>.tmp', dataset 'ds.v2''s build in progress.
-    ours = re.compile(rf"\.{re.escape(dest.name)}\.[a-z0-9_]{{8}}\.(tmp|old|lnk)")
-    for stale in dest.parent.glob(f".{glob.escape(dest.name)}.*"):
-        if not ours.fullmatch(stale.name):
-            continue
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-        elif stale.is_symlink():
-            stale.unlink()
+    remove_stale_temps(dest, ("tmp", "old", "lnk"))
 
 
 # --------------------------------------------------------------------------------------------

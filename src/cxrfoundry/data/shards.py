@@ -838,6 +838,8 @@ def write_shards(
     for shard in shards:
         rejects.extend(pq.read_table(_rejects_path(work_dir, shard)).to_pylist())
     index = _index(corpus, params, sources, data, shards, done, rows_in, len(rejects))
+    # A run killed while publishing left its half-filled folder (hard links to work shards).
+    cio.remove_stale_temps(out_dir)
     with cio.atomic_dir(out_dir) as tmp:
         for shard in shards:
             _publish_file(work_dir / shard.name, tmp / shard.name)
