@@ -89,6 +89,7 @@ class Resource:
     range_support: bool = True
     basic: tuple[str, str] | None = None
     bearer: str | None = None
+    validators: bool = True  # send an ETag (False: a server that gives no validator at all)
 
     @property
     def etag(self) -> str:
@@ -166,7 +167,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(fault.status, dict(fault.headers), b"scripted failure")
             return
         data = fault.body if fault is not None and fault.kind == "content" else res.data
-        headers = {"ETag": res.etag, "Content-Type": "application/octet-stream"}
+        headers = {"Content-Type": "application/octet-stream"}
+        if res.validators:
+            headers["ETag"] = res.etag
         status, body = 200, data
         range_header = self.headers.get("Range")
         honour = res.range_support and not (fault is not None and fault.kind == "ignore_range")
@@ -300,10 +303,13 @@ class HttpTestServer:
         range_support: bool = True,
         basic: tuple[str, str] | None = None,
         bearer: str | None = None,
+        validators: bool = True,
     ) -> str:
-        """Serve ``data`` at ``path``; return its URL."""
+        """Serve ``data`` at ``path``; return its URL. ``validators=False``: no ETag."""
         with self.lock:
-            self.resources[path] = Resource(data, list(faults or []), range_support, basic, bearer)
+            self.resources[path] = Resource(
+                data, list(faults or []), range_support, basic, bearer, validators
+            )
         return self.base_url + path
 
     def _record(self, record: RequestRecord) -> None:

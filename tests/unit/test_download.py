@@ -178,6 +178,28 @@ def test_server_ignoring_range_restarts_from_zero(server, raw, sleeps) -> None:
     assert (dest / "f.bin").read_bytes() == payload
 
 
+def test_resume_needs_a_validator_or_a_checksum(server, raw, sleeps) -> None:
+    # A server that sends neither ETag nor Last-Modified cannot say whether the file changed
+    # since the part was fetched: without a sha256 a resume could splice two versions
+    # unnoticed, so the file is fetched whole; with a sha256 the splice would fail the check,
+    # so the resume goes ahead (no If-Range to send).
+    dest, manifest_path = raw
+    payload = os.urandom(30_000)
+    url = server.add("/plain.bin", payload, faults=[Fault.drop(10_000)], validators=False)
+    download({"type": "http", "files": [{"url": url}], **FAST}, dest, manifest_path, dataset="ds")
+    reqs = server.requests_for("/plain.bin")
+    assert [r.headers.get("Range") for r in reqs] == [None, None]
+    assert (dest / "plain.bin").read_bytes() == payload
+
+    url = server.add("/summed.bin", payload, faults=[Fault.drop(10_000)], validators=False)
+    source = {"type": "http", "files": [{"url": url, "sha256": sha(payload)}], **FAST}
+    download(source, dest, manifest_path, dataset="ds")
+    reqs = server.requests_for("/summed.bin")
+    assert [r.headers.get("Range") for r in reqs] == [None, "bytes=10000-"]
+    assert "If-Range" not in reqs[1].headers
+    assert (dest / "summed.bin").read_bytes() == payload
+
+
 def test_checksum_mismatch_is_a_clear_error_and_leaves_nothing(server, raw, sleeps) -> None:
     dest, manifest_path = raw
     payload = make_zip(ARCHIVE_FILES)

@@ -34,8 +34,9 @@ Source types (``source["type"]``):
 
     Transfers stream into a persistent cache beside the raw folder
     (``resources/raw/.{dataset}.cache/``: ``partial/<path>.part``, ``files/<path>``, ``meta/``)
-    and resume with HTTP ``Range`` (guarded by ``If-Range``), restarting when a server answers
-    200 instead of 206. Connection errors, timeouts, 408/425/429/5xx are retried with
+    and resume with HTTP ``Range`` (guarded by ``If-Range`` with a strong ETag or Last-Modified),
+    restarting when a server answers 200 instead of 206. With no validator and no ``sha256`` a
+    part is fetched again whole, as nothing could catch a splice of two versions. Connection errors, timeouts, 408/425/429/5xx are retried with
     exponential backoff and jitter, honouring ``Retry-After``; 4xx errors and a TLS certificate
     that fails verification fail at once. A file leaves ``partial/`` only once complete and its
     sha256 matches, and is not fetched again while it still matches. Plain files are hard-linked
@@ -1151,10 +1152,24 @@ class _Fetcher:
         auth, headers = self.auth.for_url(item.url)
         headers = {**headers, "Accept-Encoding": "identity"}
         if offset:
-            headers["Range"] = f"bytes={offset}-"
-            validator = meta.get("etag") or meta.get("last_modified")
-            if validator and not str(validator).startswith("W/"):
+            # If-Range takes a strong ETag or a Last-Modified date (RFC 9110 13.1.5).
+            etag = meta.get("etag")
+            validator = etag if etag and not str(etag).startswith("W/") else None
+            validator = validator or meta.get("last_modified")
+            if validator:
+                headers["Range"] = f"bytes={offset}-"
                 headers["If-Range"] = validator
+            elif item.sha256:
+                headers["Range"] = f"bytes={offset}-"  # a splice would fail the checksum
+            else:
+                # Nothing could tell a file changed on the server since the part was fetched:
+                # a resume might splice two versions unnoticed, so fetch it whole.
+                logger.warning(
+                    "%s: no ETag/Last-Modified and no sha256 to check a resume; restarting",
+                    item.redacted,
+                )
+                part.unlink()
+                offset = 0
         timeout = (self.opts.timeout, self.opts.timeout)
         try:
             with self.session.get(
