@@ -36,8 +36,9 @@ Source types (``source["type"]``):
     (``resources/raw/.{dataset}.cache/``: ``partial/<path>.part``, ``files/<path>``, ``meta/``)
     and resume with HTTP ``Range`` (guarded by ``If-Range`` with a strong ETag or Last-Modified),
     restarting when a server answers 200 instead of 206. With no validator and no ``sha256`` a
-    part is fetched again whole, as nothing could catch a splice of two versions. Connection errors, timeouts, 408/425/429/5xx are retried with
-    exponential backoff and jitter, honouring ``Retry-After``; 4xx errors and a TLS certificate
+    part is fetched again whole, as nothing could catch a splice of two versions. Connection
+    errors, timeouts, 408/425/429/5xx are retried with exponential backoff and jitter,
+    honouring ``Retry-After``; 4xx errors and a TLS certificate
     that fails verification fail at once. A file leaves ``partial/`` only once complete and its
     sha256 matches, and is not fetched again while it still matches. Plain files are hard-linked
     from the cache into the raw folder (no extra disk), archives are extracted from it;
