@@ -564,7 +564,8 @@ def audit(
     audit only its ancestry. ``strict``: stale records fail the audit (a changed param or
     module means the results are not what the current workflow would produce). ``skip_rules``:
     leave out the records of these rules (the ``audit`` rule's previous record while it reruns).
-    ``stages``: rule -> pipeline stage, for the run-time table (:func:`run_times`).
+    ``stages``: rule -> pipeline stage, for the run-time table (:func:`run_times`); by default
+    the map the workflow's ``audit`` rule recorded (:func:`recorded_stages`).
     """
     root = Path(workdir).resolve()
     report = AuditReport(workdir=str(root), strict=strict)
@@ -578,7 +579,7 @@ def audit(
                 Finding("no_record", ERROR, "no provenance record produced this target", target)
             )
     report.records = len(records)
-    report.run_time = run_times(records, stages or {})
+    report.run_time = run_times(records, recorded_stages(records) if stages is None else stages)
     if not records and target is None:
         report.findings.append(
             Finding("no_records", ERROR, f"no provenance records under {PROVENANCE_DIR}")
@@ -657,6 +658,16 @@ def write_report(report: AuditReport, out_dir: str | os.PathLike[str]) -> tuple[
 
 
 # ------------------------------------------------------------------------------- run time
+def recorded_stages(records: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Rule -> stage as the workflow's ``audit`` rule recorded it (its ``stages`` param), so an
+    audit outside Snakemake (the CLI) groups run times by stage too; ``{}`` without one."""
+    for record in records.values():
+        stages = (record.get("params") or {}).get("stages")
+        if record.get("rule") == "audit" and isinstance(stages, Mapping):
+            return {str(rule): str(stage) for rule, stage in stages.items()}
+    return {}
+
+
 def run_times(
     records: Mapping[str, Mapping[str, Any]], stages: Mapping[str, str]
 ) -> list[dict[str, Any]]:

@@ -94,6 +94,10 @@ def test_fresh_run_passes_the_audit_rule_and_the_cli(run_copy):
     assert report["counts"]["records"] == jobs - 1
     assert report["counts"]["errors"] == report["counts"]["stale"] == 0, report["findings"]
     assert (run_copy / "results/audit/cli/audit.md").read_text().count("PASS") == 1
+    # The CLI groups by stage too, with the map the audit rule recorded (its own job included).
+    cli_stages = {row["stage"]: row for row in report["run_time"]}
+    assert cli_stages["data"]["jobs"] == stages["data"]["jobs"]
+    assert {"download", "shard", "probe"}.isdisjoint(cli_stages)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import pytest
 from cxrfoundry.audit import (
     audit,
     job_identity,
+    recorded_stages,
     reproduce,
     run_time_markdown,
     run_times,
@@ -349,3 +350,9 @@ def test_run_times_sum_jobs_per_stage_and_span_first_start_to_last_end():
     table = "\n".join(run_time_markdown(rows))
     assert "| data | 3 | 2 min 20 s | 2 min 00 s |" in table
     assert run_times({}, {}) == []
+    # Outside Snakemake (the CLI) the map comes from the audit rule's recorded params.
+    records["audit/all"] = {**job("audit", "10:05:00", "10:05:01"), "params": {"stages": {}}}
+    assert recorded_stages(records) == {}
+    records["audit/all"]["params"]["stages"] = {"download": "data", "shard": "data"}
+    assert recorded_stages(records) == {"download": "data", "shard": "data"}
+    assert recorded_stages({"probe/x": records["probe/x"]}) == {}
