@@ -102,6 +102,15 @@ def test_dicom_window_applied(tmp_path: Path) -> None:
     assert np.all(np.diff(img.astype(int)) >= 0)
 
 
+@pytest.mark.parametrize("width", [0, 0.5, -5, [0, 2000]])
+def test_dicom_forbidden_window_width_is_ignored(tmp_path: Path, width: object) -> None:
+    # A Window Width below 1 is invalid (PS3.3 C.11.2.1.2) and pydicom refuses it; viewers
+    # ignore such a window, so the image decodes as if it had none (data-range stretch).
+    plain = imaging.load_image(make_dicom(tmp_path / "p.dcm", ramp(width=4096)))
+    path = make_dicom(tmp_path / "w.dcm", ramp(width=4096), WindowCenter=2000, WindowWidth=width)
+    np.testing.assert_array_equal(imaging.load_image(path), plain)
+
+
 def test_dicom_window_then_monochrome1(tmp_path: Path) -> None:
     kwargs = {"WindowCenter": 2000, "WindowWidth": 2000}
     m2 = imaging.load_image(make_dicom(tmp_path / "a.dcm", ramp(width=4096), **kwargs))

@@ -170,6 +170,11 @@ def _load_dicom(path: Path) -> np.ndarray:
         has_modality = "ModalityLUTSequence" in ds or "RescaleSlope" in ds
         values = apply_modality_lut(arr, ds)
         has_voi = "VOILUTSequence" in ds or "WindowCenter" in ds
+        if has_voi and "VOILUTSequence" not in ds and _unusable_window(ds):
+            # As viewers do: ignore a window the standard forbids (pydicom refuses it) and
+            # fall through to the data-range stretch, rather than lose the image.
+            logger.warning("%s: ignoring Window Width %s (must be >= 1)", path, ds.WindowWidth)
+            has_voi = False
         if has_voi:
             values = apply_voi_lut(values, ds)
             lo, hi = _voi_output_range(ds)
@@ -188,6 +193,22 @@ def _load_dicom(path: Path) -> np.ndarray:
         # MONOCHROME1 means "high value = dark": invert so every output has dark lungs.
         out = (_max_value(out_dtype) - out).astype(out_dtype)
     return np.ascontiguousarray(out)
+
+
+def _unusable_window(ds: object) -> bool:
+    """Whether the (first) Window Width is a number the VOI function forbids: below 1 for
+    LINEAR / LINEAR_EXACT windows (PS3.3 C.11.2.1.2), not above 0 for SIGMOID."""
+    width = ds.get("WindowWidth")  # type: ignore[attr-defined]
+    if width is None or width == "":
+        return False
+    if not isinstance(width, str | int | float):
+        width = width[0]  # multi-valued: pydicom applies the first window
+    try:
+        value = float(width)
+    except (TypeError, ValueError):
+        return False
+    sigmoid = str(ds.get("VOILUTFunction", "LINEAR")).upper() == "SIGMOID"  # type: ignore[attr-defined]
+    return value <= 0 if sigmoid else value < 1
 
 
 def _voi_output_range(ds: object) -> tuple[float, float]:
