@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -182,6 +182,34 @@ def tree_files(root: PathLike) -> list[Path]:
     return sorted(
         p for p in Path(root).rglob("*") if p.is_file() and p.name not in SNAKEMAKE_MARKERS
     )
+
+
+def walk_files(root: PathLike, suffixes: Iterable[str] | None = None) -> list[Path]:
+    """Files under ``root`` (names ending in ``suffixes``, case-insensitive, when given).
+
+    Symlinked folders are followed (a raw folder whose image folders are linked in from
+    elsewhere is the common case); a folder reached twice through links is visited once, so
+    link cycles cannot loop. Folders and files are taken in sorted order, so the result is the
+    same on every run; paths keep their linked (not resolved) form below ``root``. Dangling
+    links, sockets and FIFOs are left out.
+    """
+    wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
+    seen: set[tuple[int, int]] = set()
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        for name in sorted(filenames):
+            if wanted is not None and not name.lower().endswith(wanted):
+                continue
+            path = Path(dirpath, name)
+            if path.is_file():
+                found.append(path)
+    return found
 
 
 def sha256_tree(path: PathLike) -> str:

@@ -87,6 +87,13 @@ def expected_files(files: dict[str, bytes]) -> list[dict]:
     return [{"path": k, "size": len(v), "sha256": sha(v)} for k, v in sorted(files.items())]
 
 
+def fetch_one(url: str, payload: bytes, raw: tuple[Path, Path]) -> dict:
+    """Download ``url`` (expected to hold ``payload``) as dataset ``ds``; return the manifest."""
+    dest, manifest_path = raw
+    source = {"type": "http", "files": [{"url": url, "sha256": sha(payload)}], **FAST}
+    return download(source, dest, manifest_path, dataset="ds")
+
+
 # ------------------------------------------------------------------------------------------
 # HTTP: resume, retries, checksum
 # ------------------------------------------------------------------------------------------
@@ -132,15 +139,10 @@ def test_interrupted_transfer_resumes_across_runs(server, raw, sleeps) -> None:
 
 
 def test_drop_mid_transfer_is_retried_within_one_run(server, raw, sleeps) -> None:
-    dest, manifest_path = raw
+    dest = raw[0]
     payload = os.urandom(50_000)
     url = server.add("/f.bin", payload, faults=[Fault.drop(100), Fault.drop(20_000)])
-    manifest = download(
-        {"type": "http", "files": [{"url": url, "sha256": sha(payload)}], **FAST},
-        dest,
-        manifest_path,
-        dataset="ds",
-    )
+    manifest = fetch_one(url, payload, raw)
     reqs = server.requests_for("/f.bin")
     assert [r.headers.get("Range") for r in reqs] == [None, "bytes=100-", "bytes=20100-"]
     assert sum(r.body_bytes for r in reqs) == len(payload)
@@ -161,17 +163,12 @@ def test_stalled_transfer_times_out_and_resumes(server, raw, sleeps) -> None:
 
 
 def test_server_ignoring_range_restarts_from_zero(server, raw, sleeps) -> None:
-    dest, manifest_path = raw
+    dest = raw[0]
     payload = os.urandom(30_000)
     url = server.add(
         "/f.bin", payload, faults=[Fault.drop(10_000), Fault.ignore_range()], range_support=True
     )
-    download(
-        {"type": "http", "files": [{"url": url, "sha256": sha(payload)}], **FAST},
-        dest,
-        manifest_path,
-        dataset="ds",
-    )
+    fetch_one(url, payload, raw)
     reqs = server.requests_for("/f.bin")
     assert reqs[1].headers["Range"] == "bytes=10000-" and reqs[1].status == 200
     # The 200 body replaced the partial file instead of being appended to it.
@@ -363,15 +360,10 @@ def test_complete_part_answered_416_is_finished_without_refetching(server, raw, 
 
 
 def test_content_range_from_another_offset_restarts(server, raw, sleeps) -> None:
-    dest, manifest_path = raw
+    dest = raw[0]
     payload = os.urandom(30_000)
     url = server.add("/f.bin", payload, faults=[Fault.drop(10_000), Fault.wrong_range(0)])
-    download(
-        {"type": "http", "files": [{"url": url, "sha256": sha(payload)}], **FAST},
-        dest,
-        manifest_path,
-        dataset="ds",
-    )
+    fetch_one(url, payload, raw)
     reqs = server.requests_for("/f.bin")
     assert [(r.headers.get("Range"), r.status) for r in reqs] == [
         (None, 200),

@@ -23,7 +23,7 @@ from cxrfoundry import schema
 from cxrfoundry.data import labels as lab
 from cxrfoundry.data import splits
 from cxrfoundry.data.dicom import parse_age, read_header
-from cxrfoundry.data.ingest import ingest, resolve_options, write_ingest
+from cxrfoundry.data.ingest import IngestResult, ingest, resolve_options, write_ingest
 
 REAL = Path("/work/shared/data/real")
 SAMPLES = REAL / "metadata-samples"
@@ -473,6 +473,17 @@ def test_chexpert_plus_variant(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def ingest_padchest(root: Path, rows: list[dict], image_dir: str) -> IngestResult:
+    """Write ``rows`` as PadChest's CSV with an image per row under ``image_dir``; ingest them
+    (counts checked)."""
+    write_csv(root / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv", rows)
+    for r in rows:
+        png(root / image_dir / r["ImageID"])
+    result = ingest("padchest", "padchest", root, {})
+    check_invariants(result)
+    return result
+
+
 def test_padchest_fixture(tmp_path: Path) -> None:
     def row(image: str, projection: str, labels: str, birth: str = "1950.0", sex: str = "M"):
         return {
@@ -506,11 +517,7 @@ def test_padchest_fixture(tmp_path: Path) -> None:
         row("fff_1.png", "PA", "['normal'"),  # unparseable
         row("ggg_1.png", "PA", "['normal']", birth="1850.0"),  # age 165
     ]
-    write_csv(tmp_path / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv", rows)
-    for r in rows:
-        png(tmp_path / "7" / r["ImageID"])
-    result = ingest("padchest", "padchest", tmp_path, {})
-    check_invariants(result)
+    result = ingest_padchest(tmp_path, rows, image_dir="7")
     out = by_id(result)
     assert len(out) == 5
     a = out["padchest/aaa_1"]
@@ -1036,11 +1043,7 @@ def test_padchest_missing_value_tokens(tmp_path: Path) -> None:
         {**base, "ImageID": "d.png", "PatientID": "pd", "PatientBirth": "1950.0", "Labels": "None"},
         {**base, "ImageID": "e.png", "PatientID": "pe", "PatientBirth": "19xx"},
     ]
-    write_csv(tmp_path / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv", rows)
-    for r in rows:
-        png(tmp_path / "0" / r["ImageID"])
-    result = ingest("padchest", "padchest", tmp_path, {})
-    check_invariants(result)
+    result = ingest_padchest(tmp_path, rows, image_dir="0")
     out = by_id(result)
     assert (out["padchest/a"]["age"], out["padchest/a"]["no_finding"]) == (None, 1)
     assert out["padchest/b"]["age"] is None

@@ -299,15 +299,24 @@ def test_filter_metadata_dicom_and_policy(tmp_path: Path) -> None:
     )
 
 
-def test_filter_classifier_decides_unknown_views(tmp_path: Path) -> None:
+#: A classifier policy the 80 known-view images of :func:`_known_then_unknown_views` satisfy.
+CLASSIFIER_POLICY = {"min_accuracy": 0.9, "min_confidence": 0.8, "min_per_class": 10}
+
+
+def _known_then_unknown_views(tmp: Path) -> pa.Table:
+    """Rows 0-39 PA, 40-79 lateral (views known), 80-89 frontal, 90-99 lateral (UNKNOWN)."""
     known = [("frontal", "PA", "PA", "metadata")] * 40 + [
         ("lateral", "LATERAL", "L", "metadata")
     ] * 40
     unknown = [("frontal", "UNKNOWN", None, "none")] * 10 + [
         ("lateral", "UNKNOWN", None, "none")
     ] * 10
-    table = _manifest_rows(tmp_path, known + unknown)
-    policy = {"classifier": {"min_accuracy": 0.9, "min_confidence": 0.8, "min_per_class": 10}}
+    return _manifest_rows(tmp, known + unknown)
+
+
+def test_filter_classifier_decides_unknown_views(tmp_path: Path) -> None:
+    table = _known_then_unknown_views(tmp_path)
+    policy = {"classifier": CLASSIFIER_POLICY}
     result = filter_frontal(table, tmp_path, policy)
     clf = result.audit["classifier"]
     assert clf["used"] is True
@@ -451,16 +460,10 @@ def test_filter_metadata_frontal_without_side(tmp_path: Path) -> None:
 def test_filter_classifier_frontal_respects_frontal_views(tmp_path: Path) -> None:
     # the classifier tells frontal from lateral, not PA from AP: with frontal_views [PA] its
     # "frontal" calls must not be let in as PA images; its "lateral" calls still exclude
-    known = [("frontal", "PA", "PA", "metadata")] * 40 + [
-        ("lateral", "LATERAL", "L", "metadata")
-    ] * 40
-    unknown = [("frontal", "UNKNOWN", None, "none")] * 10 + [
-        ("lateral", "UNKNOWN", None, "none")
-    ] * 10
-    table = _manifest_rows(tmp_path, known + unknown)
+    table = _known_then_unknown_views(tmp_path)
     policy = {
         "frontal_views": ["PA"],
-        "classifier": {"min_accuracy": 0.9, "min_confidence": 0.8, "min_per_class": 10},
+        "classifier": CLASSIFIER_POLICY,
     }
     result = filter_frontal(table, tmp_path, policy)
     frontal_ids = set(result.frontal.column("image_id").to_pylist())

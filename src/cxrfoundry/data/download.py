@@ -108,7 +108,14 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urljoin, urlsplit
 
 from tqdm.auto import tqdm
 
-from cxrfoundry.io import dumps_json, read_json, remove_stale_temps, sha256_file, write_json
+from cxrfoundry.io import (
+    dumps_json,
+    read_json,
+    remove_stale_temps,
+    sha256_file,
+    walk_files,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -295,19 +302,7 @@ def scan_tree(root: Path, *, desc: str = "hashing") -> list[dict[str, Any]]:
     through links is visited once, so cyclic links cannot loop.
     """
     root = Path(root)
-    found: list[tuple[str, Path]] = []
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames.sort()
-        for name in filenames:
-            full = Path(dirpath) / name
-            if full.is_file():  # skips dangling links, sockets, FIFOs
-                found.append((full.relative_to(root).as_posix(), full))
+    found = [(full.relative_to(root).as_posix(), full) for full in walk_files(root)]
     found.sort(key=lambda item: item[0])
     files = []
     for rel, full in tqdm(found, desc=desc, unit="file", mininterval=1.0):
@@ -375,11 +370,6 @@ def _link_dir(target: Path, dest: Path) -> None:
         raise
 
 
-def _clean_stale(dest: Path) -> None:
-    """Remove temporary siblings left by a run that was killed (they are never outputs)."""
-    remove_stale_temps(dest, ("tmp", "old", "lnk"))
-
-
 # --------------------------------------------------------------------------------------------
 # Archives
 # --------------------------------------------------------------------------------------------
@@ -405,30 +395,6 @@ def _check_member_name(archive: Path, name: str) -> PurePosixPath:
     if not clean:
         raise DownloadError(f"{archive}: refusing member {name!r}: empty path")
     return PurePosixPath(*clean)
-
-
-def _check_link(
-    archive: Path, name: str, member: PurePosixPath, target: str, *, hard: bool
-) -> None:
-    text = target.replace("\\", "/")
-    if not text or text.startswith("/") or re.match(r"^[A-Za-z]:", text):
-        raise DownloadError(
-            f"{archive}: refusing member {name!r}: link to absolute path {target!r}"
-        )
-    # Symlinks resolve against the member's folder, hard links against the archive root.
-    stack = [] if hard else list(member.parent.parts)
-    for part in PurePosixPath(text).parts:
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not stack:
-                raise DownloadError(
-                    f"{archive}: refusing member {name!r}: link {target!r} points outside "
-                    "the extraction folder"
-                )
-            stack.pop()
-        else:
-            stack.append(part)
 
 
 #: As Linux's MAXSYMLINKS: more hops than this is a loop (or an attack), not an archive.
@@ -473,11 +439,16 @@ class _LinkTree:
     def resolve(
         self, start: tuple[str, ...], target: str, name: str, *, through_links: bool = True
     ) -> tuple[str, ...]:
-        """Where ``target``, seen from folder ``start``, really is; refuse leaving the root."""
-        if target.startswith("/"):
+        """Where ``target``, seen from folder ``start``, really is; refuse leaving the root.
+
+        Backslashes count as separators and ``C:``-style targets as absolute, so a target
+        that would escape when the folder is read on Windows is refused too.
+        """
+        text = target.replace("\\", "/")
+        if not text or text.startswith("/") or re.match(r"^[A-Za-z]:", text):
             raise self.refuse(name, f"link to absolute path {target!r}")
         stack = list(start)
-        pending = target.split("/")[::-1]
+        pending = text.split("/")[::-1]
         hops = 0
         while pending:
             part = pending.pop()
@@ -497,7 +468,8 @@ class _LinkTree:
             hops += 1
             if hops > _MAX_LINK_HOPS:
                 raise self.refuse(name, f"link {target!r}: too many levels of links")
-            if link.startswith("/"):
+            link = link.replace("\\", "/")
+            if link.startswith("/") or re.match(r"^[A-Za-z]:", link):
                 raise self.refuse(name, f"link {target!r} points outside the extraction folder")
             stack.pop()
             pending.extend(link.split("/")[::-1])
@@ -578,13 +550,11 @@ def _extract_tar(archive: Path, root: Path) -> int:
         # The root folder is ours; an archive's own entry for it carries nothing to extract.
         members = [m for m in members if not _is_root_dir(m.name, m.isdir())]
         for m in members:
-            rel = _check_member_name(archive, m.name)
+            _check_member_name(archive, m.name)
             if m.ischr() or m.isblk() or m.isfifo() or m.isdev():
                 raise DownloadError(f"{archive}: refusing member {m.name!r}: device or FIFO")
             if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
                 raise DownloadError(f"{archive}: refusing member {m.name!r}: special file")
-            if m.issym() or m.islnk():
-                _check_link(archive, m.name, rel, m.linkname, hard=m.islnk())
         # Each link is fine on its own; now the links together, as tarfile will lay them out.
         names = [(_literal_parts(m.name), m.name) for m in members]
         links = {
@@ -639,7 +609,6 @@ def _extract_zip(archive: Path, root: Path) -> int:
                     raise DownloadError(
                         f"{archive}: reading member {info.filename!r} failed ({exc})"
                     ) from None
-                _check_link(archive, info.filename, rel, target, hard=False)
                 links[rel.parts] = target
                 plan.append((info, rel, "link"))
             elif kind in (0, stat.S_IFREG):
@@ -1534,7 +1503,8 @@ def download(
                 return previous
             # Nothing may look finished while we work: the manifest goes first, comes back last.
             manifest_path.unlink(missing_ok=True)
-            _clean_stale(dest)
+            # What a killed run left beside dest (_building, _replace, _link_dir): never outputs.
+            remove_stale_temps(dest, ("tmp", "old", "lnk"))
             logger.info("acquiring %s from %s source", dataset, kind)
             if kind == "phantom":
                 _acquire_phantom(source, dest, dataset)

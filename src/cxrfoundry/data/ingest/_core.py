@@ -21,6 +21,7 @@ import pandas as pd
 
 from cxrfoundry.data import dicom as dicom_tags
 from cxrfoundry.data.labels import LabelError
+from cxrfoundry.io import walk_files
 
 logger = logging.getLogger(__name__)
 
@@ -324,32 +325,9 @@ def metadata_view(
     return view_raw, view, "metadata" if view != "UNKNOWN" else "none"
 
 
-def walk_files(root: Path, suffixes: Iterable[str]) -> list[Path]:
-    """Files under ``root`` whose names end in ``suffixes`` (case-insensitive), in walk order.
-
-    Folders are visited in sorted order, each file list sorted, so reruns agree. Symlinked
-    folders are followed, as the acquire stage does (a raw folder whose image folders are
-    linked in from elsewhere); a folder reached twice through links is visited once, so link
-    cycles cannot loop. Paths keep the linked (not resolved) form below ``root``.
-    """
-    import os
-
-    wanted = tuple(s.lower() for s in suffixes)
-    seen: set[str] = set()
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames.sort()
-        found.extend(Path(dirpath, n) for n in sorted(filenames) if n.lower().endswith(wanted))
-    return found
-
-
 def index_files(root: Path, suffixes: Iterable[str]) -> dict[str, str]:
-    """Walk ``root`` once (:func:`walk_files`): file name → path relative to root.
+    """Walk ``root`` once (:func:`cxrfoundry.io.walk_files`, symlinked folders followed): file
+    name → path relative to root.
 
     Names found twice keep the first in walk order (logged), so reruns agree.
     """

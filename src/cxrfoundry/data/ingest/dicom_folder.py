@@ -44,9 +44,9 @@ from cxrfoundry.data.ingest._core import (
     rel_path,
     resolve_file,
     text_or_none,
-    walk_files,
     wrap_row_errors,
 )
+from cxrfoundry.io import walk_files
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ DICOM_KEYS = ("sop", "path", "stem", "PatientID", "StudyInstanceUID")
 def find_dicoms(raw_root: Path, suffixes: list[str]) -> list[Path]:
     """Every file under ``raw_root`` ending in one of ``suffixes``, in sorted path order.
 
-    Symlinked folders are followed, each real folder once (:func:`_core.walk_files`).
+    Symlinked folders are followed, each real folder once (:func:`cxrfoundry.io.walk_files`).
     """
     return sorted(walk_files(raw_root, suffixes))
 
