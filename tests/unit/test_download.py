@@ -512,6 +512,40 @@ def test_bearer_token_and_userinfo_urls_are_redacted(server, raw, sleeps, monkey
     assert PASSWORD not in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("url", "warned"),
+    [
+        ("http://data.example.org/x.zip", True),
+        ("https://data.example.org/x.zip", False),
+        ("http://127.0.0.1:8000/x.zip", False),
+        ("http://[::1]:8000/x.zip", False),
+        ("http://localhost/x.zip", False),
+    ],
+)
+def test_credentials_over_plain_http_are_warned_about(
+    url: str, warned: bool, monkeypatch, caplog
+) -> None:
+    """Basic auth over http to another machine goes out readable: warn, naming the host only."""
+    caplog.set_level(logging.WARNING, logger=dl.logger.name)
+    monkeypatch.setenv("CXRF_TEST_USER", "alice")
+    monkeypatch.setenv("CXRF_TEST_PASSWORD", PASSWORD)
+    auth = dl._Auth(
+        {"auth": {"username_env": "CXRF_TEST_USER", "password_env": "CXRF_TEST_PASSWORD"}},
+        dl._Scrubber(),
+    )
+    assert auth.for_url(url)[0] is not None
+    auth.for_url(url)  # once per host
+    found = [r.getMessage() for r in caplog.records if "plain http" in r.getMessage()]
+    assert len(found) == (1 if warned else 0)
+    if warned:
+        assert "data.example.org" in found[0]
+    assert PASSWORD not in caplog.text
+    # Without credentials there is nothing to warn about.
+    caplog.clear()
+    dl._Auth({"auth": {"netrc": False}}, dl._Scrubber()).for_url(url)
+    assert "plain http" not in caplog.text
+
+
 def test_netrc_credentials(server, raw, sleeps, monkeypatch, tmp_path, caplog) -> None:
     caplog.set_level(logging.DEBUG)
     dest, manifest_path = raw
@@ -716,6 +750,69 @@ def test_archive_made_from_dot_extracts(kind: str, raw, tmp_path: Path) -> None:
         {"type": "local", "path": str(archive), "extract": True}, dest, manifest_path, dataset="ds"
     )
     assert manifest["files"] == expected_files(ARCHIVE_FILES)
+
+
+def _bomb(kind: str, size: int) -> bytes:
+    """An archive of a few kB whose one file expands to ``size`` bytes of zeros."""
+    if kind == "tar":
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+            info = tarfile.TarInfo("zeros.bin")
+            info.size = size
+            tf.addfile(info, io.BytesIO(bytes(size)))
+        return buf.getvalue()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.bin", bytes(size))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_archive_expanding_past_the_limit_is_refused_before_writing(
+    kind: str, raw, tmp_path: Path
+) -> None:
+    dest, manifest_path = raw
+    data = _bomb(kind, 20_000_000)
+    assert len(data) < 100_000  # a bomb: 200x and more
+    archive = tmp_path / f"bomb.{'tgz' if kind == 'tar' else 'zip'}"
+    archive.write_bytes(data)
+    source = {"type": "local", "path": str(archive), "extract": True, "max_extract_gb": 0.01}
+    with pytest.raises(DownloadError, match=r"expand to 0\.020 GB .*max_extract_gb") as err:
+        download(source, dest, manifest_path, dataset="ds")
+    assert str(archive) in str(err.value)
+    assert not dest.exists() and not manifest_path.exists()
+    assert leftovers(dest.parent) == []
+    # Under a higher limit the same archive extracts, whole.
+    manifest = download({**source, "max_extract_gb": 0.05}, dest, manifest_path, dataset="ds")
+    assert manifest["total_bytes"] == 20_000_000
+
+
+def test_archive_larger_than_the_free_disk_space_is_refused(
+    raw, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest, manifest_path = raw
+    archive = tmp_path / "big.zip"
+    archive.write_bytes(_bomb("zip", 3_000_000))
+    usage = types.SimpleNamespace(total=10**9, used=10**9 - 1_000_000, free=1_000_000)
+    monkeypatch.setattr(dl.shutil, "disk_usage", lambda _path: usage)
+    with pytest.raises(DownloadError, match=r"expand to 0\.003 GB .* only 0\.001 GB .* is free"):
+        download(
+            {"type": "local", "path": str(archive), "extract": True},
+            dest,
+            manifest_path,
+            dataset="ds",
+        )
+    assert not dest.exists() and not manifest_path.exists()
+
+
+@pytest.mark.parametrize("limit", [0, -1, "10", True])
+def test_max_extract_gb_must_be_a_positive_number(limit, raw, tmp_path: Path) -> None:
+    dest, manifest_path = raw
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(make_zip(ARCHIVE_FILES))
+    source = {"type": "local", "path": str(archive), "extract": True, "max_extract_gb": limit}
+    with pytest.raises(DownloadError, match="max_extract_gb must be a positive number"):
+        download(source, dest, manifest_path, dataset="ds")
 
 
 def test_corrupt_archive_names_the_archive(server, raw, sleeps) -> None:

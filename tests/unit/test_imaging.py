@@ -136,6 +136,44 @@ def test_dicom_rescale_then_window(tmp_path: Path) -> None:
     assert 28000 < img[2000] < 37000
 
 
+def _frame_group(**tags: object) -> Dataset:
+    """One functional-group item with the Pixel Value Transformation / Frame VOI LUT macros
+    holding ``tags`` (rescale keywords in the first, window keywords in the second)."""
+    group = Dataset()
+    for macro, keywords in (
+        ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept")),
+        ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth")),
+    ):
+        item = Dataset()
+        for key in keywords:
+            if key in tags:
+                setattr(item, key, tags[key])
+        if len(item):
+            setattr(group, macro, [item])
+    return group
+
+
+@pytest.mark.parametrize("where", ["shared", "per_frame", "per_frame_over_shared"])
+def test_dicom_enhanced_frame_window_applied(tmp_path: Path, where: str) -> None:
+    # Enhanced (multi-frame) objects keep rescale and window in functional groups, frame by
+    # frame; frame 1 must decode exactly as if they were top-level tags.
+    tags = {"RescaleSlope": 2, "RescaleIntercept": -1000, "WindowCenter": 3000, "WindowWidth": 2000}
+    frames = np.stack([ramp(width=4096), 4095 - ramp(width=4096)])
+    top_level = imaging.load_image(make_dicom(tmp_path / "top.dcm", frames, **tags))
+    groups: dict[str, object] = {}
+    if where == "shared":
+        groups["SharedFunctionalGroupsSequence"] = [_frame_group(**tags)]
+    else:
+        groups["PerFrameFunctionalGroupsSequence"] = [_frame_group(**tags), _frame_group()]
+        if where == "per_frame_over_shared":  # the per-frame macro overrides the shared one
+            groups["SharedFunctionalGroupsSequence"] = [
+                _frame_group(WindowCenter=100, WindowWidth=50)
+            ]
+    enhanced = imaging.load_image(make_dicom(tmp_path / "enh.dcm", frames, **groups))
+    np.testing.assert_array_equal(enhanced, top_level)
+    assert enhanced[0, 1400] == 0 and enhanced[0, 2600] == 65535  # the window, not a stretch
+
+
 def test_dicom_multiframe_first_frame(tmp_path: Path) -> None:
     frames = np.stack([ramp(), 4095 - ramp()])
     path = make_dicom(tmp_path / "mf.dcm", frames)

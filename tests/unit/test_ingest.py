@@ -473,36 +473,53 @@ def test_chexpert_plus_variant(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def ingest_padchest(root: Path, rows: list[dict], image_dir: str) -> IngestResult:
+#: PadChest's MethodProjection values (the real CSV has only these two).
+PADCHEST_MANUAL = "Manual review of DICOM fields"
+PADCHEST_MODEL = "resnet-50.t7"
+
+
+def ingest_padchest(
+    root: Path, rows: list[dict], image_dir: str, options: dict | None = None
+) -> IngestResult:
     """Write ``rows`` as PadChest's CSV with an image per row under ``image_dir``; ingest them
-    (counts checked)."""
+    with ``options`` (counts checked)."""
     write_csv(root / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv", rows)
     for r in rows:
         png(root / image_dir / r["ImageID"])
-    result = ingest("padchest", "padchest", root, {})
+    result = ingest("padchest", "padchest", root, options or {})
     check_invariants(result)
     return result
 
 
-def test_padchest_fixture(tmp_path: Path) -> None:
-    def row(image: str, projection: str, labels: str, birth: str = "1950.0", sex: str = "M"):
-        return {
-            "Unnamed: 0": 1,
-            "ImageID": image,
-            "ImageDir": "7",
-            "StudyDate_DICOM": "20150312",
-            "StudyID": "st" + image[:3],
-            "PatientID": "pt" + image[:3],
-            "PatientBirth": birth,
-            "PatientSex_DICOM": sex,
-            "ViewPosition_DICOM": "",
-            "Projection": projection,
-            "MethodProjection": "Manual review of DICOM fields",
-            "Report": " sin hallazg .",
-            "MethodLabel": "Physician",
-            "Labels": labels,
-        }
+def padchest_row(
+    image: str,
+    projection: str,
+    labels: str,
+    birth: str = "1950.0",
+    sex: str = "M",
+    method: str = PADCHEST_MANUAL,
+) -> dict:
+    """One row of PadChest's CSV (all its columns; images under folder ``7``)."""
+    return {
+        "Unnamed: 0": 1,
+        "ImageID": image,
+        "ImageDir": "7",
+        "StudyDate_DICOM": "20150312",
+        "StudyID": "st" + image[:3],
+        "PatientID": "pt" + image[:3],
+        "PatientBirth": birth,
+        "PatientSex_DICOM": sex,
+        "ViewPosition_DICOM": "",
+        "Projection": projection,
+        "MethodProjection": method,
+        "Report": " sin hallazg .",
+        "MethodLabel": "Physician",
+        "Labels": labels,
+    }
 
+
+def test_padchest_fixture(tmp_path: Path) -> None:
+    row = padchest_row
     rows = [
         row("aaa_1.png", "PA", "['normal']"),
         row(
@@ -613,14 +630,17 @@ def test_brax_fixture(tmp_path: Path) -> None:
 VINDR_LABELS = list(lab.VINDR_LABELS)
 
 
-def test_vindr_fixture(tmp_path: Path) -> None:
-    def reader(image: str, rad: str, *positives: str) -> dict:
-        return {
-            "image_id": image,
-            "rad_ID": rad,
-            **{name: int(name in positives) for name in VINDR_LABELS},
-        }
+def vindr_reader(image: str, rad: str, *positives: str) -> dict:
+    """One reader's row of a wide VinDr label file (image_labels_{train,test}.csv)."""
+    return {
+        "image_id": image,
+        "rad_ID": rad,
+        **{name: int(name in positives) for name in VINDR_LABELS},
+    }
 
+
+def test_vindr_fixture(tmp_path: Path) -> None:
+    reader = vindr_reader
     train = [
         reader("img1", "R1", "Cardiomegaly", "Aortic enlargement"),
         reader("img1", "R2", "Pleural effusion"),
@@ -1053,6 +1073,57 @@ def test_padchest_missing_value_tokens(tmp_path: Path) -> None:
     assert reasons(result) == {"padchest/e": "impossible age: birth '19xx', study date '20150312'"}
 
 
+def test_padchest_projection_predicted_by_dataset_model(tmp_path: Path) -> None:
+    # PadChest's MethodProjection says who set Projection: a manual review of the DICOM fields,
+    # or the authors' CNN ("resnet-50.t7", ~13 % of rows). A CNN's call is not metadata: by
+    # default it is kept with view_source "classifier"; "reclassify" leaves it to filter_frontal
+    from cxrfoundry.data.views import filter_frontal
+
+    rows = [
+        padchest_row("aaa.png", "PA", "['normal']"),
+        padchest_row("bbb.png", "L", "['normal']", method=PADCHEST_MODEL),
+        padchest_row("ccc.png", "PA", "['normal']", method=" ResNet-50.t7 "),
+        padchest_row("ddd.png", "AP", "['normal']", method=""),
+        padchest_row("eee.png", "PA", "['normal']", method="None"),
+        padchest_row("fff.png", "UNK", "['normal']", method=PADCHEST_MODEL),  # nothing predicted
+        padchest_row("ggg.png", "PA", "['normal'", method=PADCHEST_MODEL),  # rejected row
+    ]
+    result = ingest_padchest(tmp_path, rows, image_dir="7")
+    out = by_id(result)
+    got = {k.split("/")[1]: (r["view_raw"], r["view"], r["view_source"]) for k, r in out.items()}
+    assert got == {
+        "aaa": ("PA", "PA", "metadata"),
+        "bbb": ("L", "LATERAL", "classifier"),
+        "ccc": ("PA", "PA", "classifier"),
+        "ddd": ("AP", "AP", "metadata"),
+        "eee": ("PA", "PA", "metadata"),
+        "fff": ("UNK", "UNKNOWN", "none"),
+    }
+    assert result.counts["adapter"]["n_view_predicted_by_dataset"] == 2
+    assert result.counts["view_sources"] == {"classifier": 2, "metadata": 3, "none": 1}
+    # the frontal filter reports who decided
+    audit = filter_frontal(result.manifest, tmp_path, {"classifier": {"enabled": False}}).audit
+    assert audit["by_decision_source"]["frontal/classifier"] == 1
+    assert audit["by_decision_source"]["excluded/classifier"] == 1
+
+    result = ingest_padchest(tmp_path, rows, "7", {"predicted_projection": "reclassify"})
+    got = {
+        k.split("/")[1]: (r["view_raw"], r["view"], r["view_source"])
+        for k, r in by_id(result).items()
+    }
+    assert got["bbb"] == ("L", "UNKNOWN", "none") and got["ccc"] == ("PA", "UNKNOWN", "none")
+    assert got["aaa"] == ("PA", "PA", "metadata")
+    assert result.counts["adapter"]["n_view_predicted_by_dataset"] == 2
+    assert result.counts["view_sources"] == {"metadata": 3, "none": 3}
+    # the filter decides them now; with its classifier off they fall to the unknown policy
+    filtered = filter_frontal(result.manifest, tmp_path, {"classifier": {"enabled": False}})
+    why = {r["image_id"]: r["reason"] for r in filtered.excluded.to_pylist()}
+    assert why["padchest/bbb"] == "view unknown after all fallbacks (raw 'L'): policy exclude"
+
+    with pytest.raises(ValueError, match="predicted_projection"):
+        ingest_padchest(tmp_path, rows, "7", {"predicted_projection": "trust"})
+
+
 def test_official_splits_that_share_a_patient_stay_patient_disjoint(tmp_path: Path) -> None:
     # a patient id found in two official split files (or split values): all of the
     # patient's images go to the most held-out of them (test > val > train), so no image of
@@ -1096,13 +1167,7 @@ def test_official_splits_that_share_a_patient_stay_patient_disjoint(tmp_path: Pa
 
 
 def test_vindr_patient_in_train_and_test_files(tmp_path: Path) -> None:
-    def reader(image: str, rad: str, *positives: str) -> dict:
-        return {
-            "image_id": image,
-            "rad_ID": rad,
-            **{name: int(name in positives) for name in VINDR_LABELS},
-        }
-
+    reader = vindr_reader
     write_csv(tmp_path / "annotations/image_labels_train.csv", [reader("tr1", "R1")])
     write_csv(tmp_path / "annotations/image_labels_test.csv", [reader("te1", "R8")])
     dicom(tmp_path / "train/tr1.dicom", PatientID="same", ViewPosition="PA")
@@ -1111,6 +1176,47 @@ def test_vindr_patient_in_train_and_test_files(tmp_path: Path) -> None:
     check_invariants(result)
     assert {r["split"] for r in result.manifest.to_pylist()} == {"test"}
     assert result.counts["patients_official_conflict"] == 1
+
+
+def test_vindr_other_disease_has_one_spelling(tmp_path: Path) -> None:
+    # VinDr-CXR writes "Other diseases" in its train files and "Other disease" in its test
+    # files; labels_extra must have one key for the one label, whatever the file or format
+    train = [vindr_reader("tr1", "R1", "Other diseases"), vindr_reader("tr2", "R1")]
+    write_csv(tmp_path / "annotations/image_labels_train.csv", train)
+    test = [
+        {**vindr_reader("te1", "R8"), "Other diseases": 1},
+        {**vindr_reader("te2", "R8"), "Other diseases": 0},
+    ]
+    for r in test:  # the test file's spelling
+        r["Other disease"] = r.pop("Other diseases")
+    write_csv(tmp_path / "annotations/image_labels_test.csv", test)
+    box = {"rad_id": "R8", "x_min": 1, "y_min": 2, "x_max": 11, "y_max": 12}
+    write_csv(
+        tmp_path / "annotations/annotations_test.csv",
+        [{"image_id": "te1", "class_name": "Other disease", **box}],
+    )
+    for image in ("train/tr1", "train/tr2", "test/te1", "test/te2"):
+        dicom(tmp_path / f"{image}.dicom", PatientID=image, ViewPosition="PA")
+    result = ingest("vindr", "vindr_cxr", tmp_path, {})
+    check_invariants(result)
+    out = by_id(result)
+    for image, positive in (("tr1", 1), ("tr2", 0), ("te1", 1), ("te2", 0)):
+        extra = json.loads(out[f"vindr/{image}"]["labels_extra"])
+        assert "Other disease" not in extra, image
+        assert extra["Other diseases"] == positive, image
+    assert json.loads(out["vindr/te1"]["boxes"])[0]["label"] == "Other diseases"
+
+    # the long format (Kaggle train.csv / annotations_*.csv as the label file)
+    long_rows = [
+        {"image_id": "tr1", "class_name": "Other disease", "class_id": 13, **box},
+        {"image_id": "tr2", "class_name": "No finding", "class_id": 14, "rad_id": "R1"},
+    ]
+    write_csv(tmp_path / "train.csv", long_rows)
+    opts = {"labels_csv": "train.csv", "test_labels_csv": None, "boxes_csv": None}
+    out = by_id(ingest("vindr", "vindr_cxr", tmp_path, opts))
+    extra = json.loads(out["vindr/tr1"]["labels_extra"])
+    assert "Other disease" not in extra and extra["Other diseases"] == 1
+    assert json.loads(out["vindr/tr1"]["boxes"])[0]["label"] == "Other diseases"
 
 
 def test_symlinked_subfolders_are_walked(tmp_path: Path) -> None:
@@ -1222,6 +1328,8 @@ def test_real_samples_values_map_as_documented() -> None:
         assert r["view"] == projection[row["Projection"]] and r["view_raw"] == row["Projection"]
         assert r["age"] == int(row["StudyDate_DICOM"][:4]) - float(row["PatientBirth"])
         assert r["sex"] == row["PatientSex_DICOM"]
+        predicted = row["MethodProjection"] != PADCHEST_MANUAL
+        assert r["view_source"] == ("classifier" if predicted else "metadata")
         if row["Labels"] == "['normal']":
             assert r["no_finding"] == 1 and r["cardiomegaly"] == 0
     # VinDr (Kaggle train.csv): reader rows united per image; "No finding" only when no

@@ -843,6 +843,25 @@ def test_code_change_rebuilds_work_shards(tmp_path: Path, monkeypatch: pytest.Mo
     assert run() != first
 
 
+def test_replaced_image_rebuilds_its_work_shard(tmp_path: Path) -> None:
+    # A source image replaced under the same name (a re-download, a fixed file): the rerun
+    # must encode the new pixels, not hand back the work shard of the old ones.
+    rows = _png_rows(tmp_path / "raw")
+    sources = [ShardSource("t", conform(rows, REPORTS_SCHEMA), tmp_path / "raw")]
+    out, work = tmp_path / "out", tmp_path / "w"
+
+    def pixels_of_image_2() -> np.ndarray:
+        write_shards(sources, out, workers=1, work_dir=work, **PARAMS)
+        table = pq.read_table(list(out.glob("train-*.parquet")))
+        row = table.to_pylist()[table.column("image_id").to_pylist().index("t/0002")]
+        return imaging.decode_image(row["image"])
+
+    before = pixels_of_image_2()
+    Image.fromarray(np.full((20, 30), 200, dtype=np.uint8)).save(tmp_path / "raw" / "2.png")
+    after = pixels_of_image_2()
+    assert int(before.max()) == 18 and int(after.max()) > 150  # (padded: the border is 0)
+
+
 _CRASH_CHILD = """
 import os, signal
 from pathlib import Path

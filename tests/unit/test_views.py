@@ -303,15 +303,18 @@ def test_filter_metadata_dicom_and_policy(tmp_path: Path) -> None:
 CLASSIFIER_POLICY = {"min_accuracy": 0.9, "min_confidence": 0.8, "min_per_class": 10}
 
 
-def _known_then_unknown_views(tmp: Path) -> pa.Table:
-    """Rows 0-39 PA, 40-79 lateral (views known), 80-89 frontal, 90-99 lateral (UNKNOWN)."""
+def _known_then_unknown_views(
+    tmp: Path, more: list[tuple[str, str, str | None, str]] | None = None
+) -> pa.Table:
+    """Rows 0-39 PA, 40-79 lateral (views known), 80-89 frontal, 90-99 lateral (UNKNOWN), then
+    the rows of ``more`` (specs as for :func:`_manifest_rows`)."""
     known = [("frontal", "PA", "PA", "metadata")] * 40 + [
         ("lateral", "LATERAL", "L", "metadata")
     ] * 40
     unknown = [("frontal", "UNKNOWN", None, "none")] * 10 + [
         ("lateral", "UNKNOWN", None, "none")
     ] * 10
-    return _manifest_rows(tmp, known + unknown)
+    return _manifest_rows(tmp, known + unknown + list(more or []))
 
 
 def test_filter_classifier_decides_unknown_views(tmp_path: Path) -> None:
@@ -346,6 +349,30 @@ def test_filter_classifier_decides_unknown_views(tmp_path: Path) -> None:
     assert "below min_accuracy" in result.audit["classifier"]["reason"]
     assert result.audit["by_source"]["none"] == 20
     assert result.audit["rows_frontal"] == 40
+
+
+def test_filter_does_not_train_on_views_from_another_classifier(tmp_path: Path) -> None:
+    # a manifest view set by another model (PadChest's "resnet-50.t7" projections: view_source
+    # "classifier") is used as it is, and counted as the classifier's, but it is not ground
+    # truth for training the filter's own classifier; here those 15 calls are wrong on purpose
+    from cxrfoundry.data.views import train_view_classifier
+
+    table = _known_then_unknown_views(tmp_path, [("lateral", "PA", "PA", "classifier")] * 15)
+    predicted = {f"demo/{i:04d}" for i in range(100, 115)}
+    result = filter_frontal(table, tmp_path, {"classifier": CLASSIFIER_POLICY})
+    audit = result.audit
+    clf = audit["classifier"]
+    assert clf["used"] is True
+    assert (clf["n_labelled"], clf["n_frontal"], clf["n_lateral"]) == (80, 40, 40)
+    assert clf["n_known_view_from_classifier"] == 15
+    assert audit["by_source"]["classifier"] == 15 + clf["n_decided"]
+    assert audit["by_decision_source"]["frontal/classifier"] >= 15
+    frontal = {r["image_id"]: r for r in result.frontal.to_pylist()}
+    assert all(frontal[i]["view_source"] == "classifier" for i in predicted)
+    assert audit["rows_in"] == 115 == audit["rows_frontal"] + audit["rows_excluded"]
+    # the stand-alone trainer follows the same rule
+    _model, stats = train_view_classifier(table, tmp_path, CLASSIFIER_POLICY)
+    assert stats["n_labelled"] == 80
 
 
 def test_filter_pretrained_classifier(tmp_path: Path) -> None:

@@ -49,8 +49,10 @@ Source types (``source["type"]``):
     Credentials: ``auth: {username_env, password_env}`` (HTTP Basic, e.g. PhysioNet) or
     ``auth: {token_env}`` (Bearer) name environment variables; otherwise the netrc file
     (``$NETRC`` or ``~/.netrc``) is consulted for the host (``auth: {netrc: false}`` turns that
-    off). Secrets written into ``auth`` itself are refused, and so is a token with whitespace or
-    control characters (a trailing newline); user-info in a URL is honoured but discouraged.
+    off). Credentials sent over plain http to a host other than this machine are logged as a
+    warning (host only). Secrets written into ``auth`` itself are refused, and so is a token
+    with whitespace or control characters (a trailing newline); user-info in a URL is honoured
+    but discouraged.
     Credentials never follow a redirect to another origin (scheme, host or port): there only
     that host's own netrc entry is used, and only when no ``*_env`` credentials are configured
     and netrc is on. Type ``https`` refuses a redirect to plain http. Secrets never reach logs,
@@ -67,7 +69,10 @@ member. Links are resolved component by component through the archive's other li
 already on disk (chains count, whatever their order), without ``realpath``; an archive unpacked
 into a folder that already has content is followed by a check that every link there still stays
 inside. Tar extraction additionally uses ``filter="data"``, which alone is not enough on Python
-< 3.11.13 (CVE-2025-4517).
+< 3.11.13 (CVE-2025-4517). An archive whose files would expand past the free disk space under
+the extraction folder, or past ``source.max_extract_gb`` (per archive, optional), is refused
+before anything is written (a zip bomb): the sizes the archive declares bound what extraction
+writes.
 
 Atomicity: the old manifest is deleted first, the raw folder is built in a hidden temporary
 sibling and renamed into place, and the manifest is written last (atomically). A failed run
@@ -83,6 +88,7 @@ import copy
 import email.utils
 import errno
 import fnmatch
+import ipaddress
 import json
 import logging
 import netrc
@@ -537,7 +543,31 @@ def _duplicate_links(
             )
 
 
-def _extract_tar(archive: Path, root: Path) -> int:
+def _check_expansion(archive: Path, root: Path, total: int, max_bytes: int | None) -> None:
+    """Refuse an archive whose files would expand past ``max_bytes`` or the free disk space.
+
+    Member sizes are what the archive declares, and they bound what extraction writes: zipfile
+    stops each member at its declared size, tarfile copies exactly the header's size. So a
+    zip bomb is refused before a byte is written, instead of filling the disk.
+    """
+    if max_bytes is not None and total > max_bytes:
+        raise DownloadError(
+            f"{archive}: refusing to extract: its files expand to {_gb(total)}, more than "
+            f"source.max_extract_gb ({_gb(max_bytes)})"
+        )
+    free = shutil.disk_usage(root).free
+    if total > free:
+        raise DownloadError(
+            f"{archive}: refusing to extract: its files expand to {_gb(total)}, but only "
+            f"{_gb(free)} is free under {root}"
+        )
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB ({n:,} bytes)"
+
+
+def _extract_tar(archive: Path, root: Path, max_bytes: int | None) -> int:
     try:
         tf = tarfile.open(archive, "r:*")  # noqa: SIM115 (entered just below)
     except (tarfile.TarError, OSError, EOFError) as exc:
@@ -565,6 +595,7 @@ def _extract_tar(archive: Path, root: Path) -> int:
         for (parts, name), m in zip(names, members, strict=True):
             is_link = m.issym() or m.islnk()
             tree.check(parts, name, link=m.linkname if is_link else None, hard=m.islnk())
+        _check_expansion(archive, root, sum(m.size for m in members if m.isfile()), max_bytes)
         try:
             tf.extractall(root, members=members, filter="data")
         except tarfile.FilterError as exc:
@@ -582,7 +613,7 @@ def _inside(root: Path, path: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
-def _extract_zip(archive: Path, root: Path) -> int:
+def _extract_zip(archive: Path, root: Path, max_bytes: int | None) -> int:
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -623,6 +654,8 @@ def _extract_zip(archive: Path, root: Path) -> int:
         tree = _LinkTree(archive, root, links)
         for info, rel, _kind in plan:
             tree.check(rel.parts, info.filename, link=links.get(rel.parts))
+        total = sum(info.file_size for info, _, kind in plan if kind == "file")
+        _check_expansion(archive, root, total, max_bytes)
         n_files = 0
         # Links last, so that no regular member can be written through a link from the archive.
         for info, rel, kind in sorted(plan, key=lambda item: item[2] == "link"):
@@ -652,19 +685,20 @@ def _extract_zip(archive: Path, root: Path) -> int:
     return n_files
 
 
-def extract_archive(archive: Path, root: Path) -> int:
+def extract_archive(archive: Path, root: Path, *, max_bytes: int | None = None) -> int:
     """Safely extract a zip or tar(.gz/.bz2/.xz) ``archive`` into ``root``; return its file count.
 
     Every member is checked before anything is written; unsafe members raise
-    :class:`DownloadError` naming the archive and the member.
+    :class:`DownloadError` naming the archive and the member, and so does an archive whose
+    files would expand past ``max_bytes`` or the free disk space under ``root``.
     """
     archive, root = Path(archive), Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = archive.name.lower()
     if name.endswith(".zip") or (not _is_archive_name(name) and zipfile.is_zipfile(archive)):
-        n = _extract_zip(archive, root)
+        n = _extract_zip(archive, root, max_bytes)
     elif _is_archive_name(name) or tarfile.is_tarfile(archive):
-        n = _extract_tar(archive, root)
+        n = _extract_tar(archive, root, max_bytes)
     else:
         raise DownloadError(f"{archive}: not a supported archive (zip, tar, tar.gz/bz2/xz)")
     logger.info("extracted %d files from %s", n, archive.name)
@@ -875,6 +909,7 @@ class _Auth:
             # Credentials in the URL itself (discouraged, but honoured and kept out of logs).
             user, password = unquote(parts.username), unquote(parts.password or "")
             self.scrubber.add(password, parts.password)
+            _warn_cleartext(parts.scheme, host)
             return requests.auth.HTTPBasicAuth(user, password), {}
         if host in self._cache:
             return self._cache[host]
@@ -898,6 +933,8 @@ class _Auth:
             found = _read_netrc(host, self.scrubber)
             if found is not None:
                 auth = requests.auth.HTTPBasicAuth(*found)
+        if auth is not None or headers:
+            _warn_cleartext(parts.scheme, host)
         self._cache[host] = (auth, headers)
         return auth, headers
 
@@ -919,6 +956,26 @@ class _Auth:
                 requests.auth.HTTPBasicAuth(*found) if found is not None else None
             )
         return self._redirect_cache[host]
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
+
+
+def _warn_cleartext(scheme: str, host: str) -> None:
+    """Warn (naming the host, never the secret) when credentials go out over plain http to a
+    host off this machine: anyone on the path can read them."""
+    if scheme.lower() != "http" or host.lower() in _LOOPBACK_NAMES:
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    logger.warning(
+        "sending credentials to %s over plain http: they travel unencrypted; use an https URL "
+        "(source type https refuses plain http)",
+        host,
+    )
 
 
 def _describe(exc: BaseException, scrubber: _Scrubber) -> str:
@@ -1269,10 +1326,23 @@ def _check_url(url: str, require_https: bool, dataset: str) -> None:
         raise DownloadError(f"dataset {dataset!r}: {redact_url(url)}: URL scheme must be {allowed}")
 
 
+def _max_extract_bytes(source: Mapping[str, Any], dataset: str) -> int | None:
+    """``source.max_extract_gb`` in bytes (``None``: bounded by the free disk space only)."""
+    limit = source.get("max_extract_gb")
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0:
+        raise DownloadError(
+            f"dataset {dataset!r}: source.max_extract_gb must be a positive number, not {limit!r}"
+        )
+    return int(limit * 1e9)
+
+
 def _acquire_http(
     source: Mapping[str, Any], dest: Path, cache: Path, dataset: str, scrubber: _Scrubber
 ) -> None:
     opts = _HttpOptions.from_source(source)
+    max_extract = _max_extract_bytes(source, dataset)
     keep_cache = bool(source.get("keep_cache", True))
     workers = source.get("workers", 1)
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
@@ -1354,7 +1424,7 @@ def _acquire_http(
         for item in files:
             cached = cache.joinpath("files", *item.path.parts)
             if item.extract:
-                extract_archive(cached, tmp.joinpath(*item.extract_to.parts))
+                extract_archive(cached, tmp.joinpath(*item.extract_to.parts), max_bytes=max_extract)
             else:
                 out = tmp.joinpath(*item.path.parts)
                 if out.exists():
@@ -1389,6 +1459,7 @@ def _acquire_local(source: Mapping[str, Any], dest: Path, dataset: str) -> None:
             f"dataset {dataset!r}: source.mode must be 'link' or 'copy', not {mode!r}"
         )
     extract = bool(source.get("extract", False))
+    max_extract = _max_extract_bytes(source, dataset)
 
     if path.is_dir():
         if extract:
@@ -1414,7 +1485,7 @@ def _acquire_local(source: Mapping[str, Any], dest: Path, dataset: str) -> None:
     with _building(dest) as tmp:
         if extract:
             target = tmp.joinpath(*_safe_relpath(source.get("extract_to", "."), "extract_to").parts)
-            extract_archive(path, target)
+            extract_archive(path, target, max_bytes=max_extract)
         elif mode == "link":
             os.symlink(path.resolve(), tmp / path.name)
         else:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -167,6 +167,7 @@ def _load_dicom(path: Path) -> np.ndarray:
         if arr.ndim != 2:
             raise ImageDecodeError(path, f"unexpected pixel array shape {arr.shape}")
 
+        _lift_frame_groups(ds)
         has_modality = "ModalityLUTSequence" in ds or "RescaleSlope" in ds
         values = apply_modality_lut(arr, ds)
         has_voi = "VOILUTSequence" in ds or "WindowCenter" in ds
@@ -193,6 +194,39 @@ def _load_dicom(path: Path) -> np.ndarray:
         # MONOCHROME1 means "high value = dark": invert so every output has dark lungs.
         out = (_max_value(out_dtype) - out).astype(out_dtype)
     return np.ascontiguousarray(out)
+
+
+#: Functional-group macros of enhanced (multi-frame) objects, and what each lends frame 1.
+_FRAME_MACROS = (
+    ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept", "RescaleType")),
+    ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
+)
+
+
+def _lift_frame_groups(ds: Any) -> None:
+    """Copy frame 1's rescale and window from an enhanced object's functional groups to the top
+    level, where pydicom's LUT functions look for them.
+
+    Enhanced DX/CR/MR objects keep them per frame (PerFrameFunctionalGroupsSequence, which
+    overrides SharedFunctionalGroupsSequence) instead of at the top level; without this the
+    frame decodes with a data-range stretch instead of its display window. Top-level values,
+    when present, are left alone.
+    """
+    groups = [
+        seq[0]
+        for key in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence")
+        if (seq := ds.get(key))
+    ]
+    for macro, keywords in _FRAME_MACROS:
+        if any(k in ds for k in keywords):
+            continue
+        for group in groups:
+            items = group.get(macro)
+            if items:
+                for keyword in keywords:
+                    if keyword in items[0]:
+                        setattr(ds, keyword, items[0][keyword].value)
+                break
 
 
 def _unusable_window(ds: object) -> bool:

@@ -98,13 +98,23 @@ VINDR_TO_CHEXPERT: dict[str, str | None] = {
     "Lung tumor": "Lung Lesion",
     "Pneumonia": "Pneumonia",
     "Tuberculosis": None,
-    "Other disease": None,
     "Other diseases": None,
     "No finding": "No Finding",
 }
 
+#: Other spellings of VinDr-CXR labels → the canonical one (the test files write
+#: "Other disease", the train files "Other diseases").
+VINDR_ALIASES: dict[str, str] = {"Other disease": "Other diseases"}
+
 #: VinDr-CXR's label vocabulary (one spelling each), kept 0/1 in labels_extra.
-VINDR_LABELS: tuple[str, ...] = tuple(k for k in VINDR_TO_CHEXPERT if k != "Other disease")
+VINDR_LABELS: tuple[str, ...] = tuple(VINDR_TO_CHEXPERT)
+
+
+def vindr_label(name: str) -> str:
+    """The canonical spelling of a VinDr-CXR label name (stripped; aliases resolved)."""
+    name = name.strip()
+    return VINDR_ALIASES.get(name, name)
+
 
 #: PadChest label terms → CheXpert finding(s). Terms not listed go to labels_extra only.
 PADCHEST_TO_CHEXPERT: dict[str, tuple[str, ...]] = {

@@ -7,11 +7,14 @@ Two parts:
   ``LATERAL``, ``OTHER``, ``UNKNOWN``). :func:`view_from_text` reads free-text descriptions
   ("CHEST (PORTABLE AP)") and refuses to guess when a text names more than one view.
 * :func:`filter_frontal` keeps the frontal images of a manifest. Its decision order is:
-  the manifest's metadata view → DICOM tags for DICOM files still ``UNKNOWN`` → an image-based
-  frontal/lateral classifier (scikit-learn, trained on this dataset's rows of known view, used
-  only when its held-out accuracy and each prediction's confidence pass configured thresholds)
-  → the ``unknown_policy`` for what remains. Every row ends in exactly one output, with a
-  reason, and the audit counts add up.
+  the manifest's view (its ``view_source`` — metadata, DICOM tags read at ingest, or a
+  classifier the dataset's authors ran, as PadChest's ``resnet-50.t7`` projections — is kept
+  in the audit) → DICOM tags for DICOM files still ``UNKNOWN`` → an image-based
+  frontal/lateral classifier (scikit-learn, trained on this dataset's rows whose view metadata
+  or DICOM tags decided — never on another classifier's calls — used only when its held-out
+  accuracy and each prediction's confidence pass configured thresholds) → the
+  ``unknown_policy`` for what remains. Every row ends in exactly one output, with a reason,
+  and the audit counts add up.
 
   A *frontal of unknown side* — metadata that says ``Frontal`` without AP/PA (CheXpert's
   ``Frontal/Lateral`` with an empty ``AP/PA`` cell, Open-I's projection), or the classifier's
@@ -272,6 +275,10 @@ def view_from_text(text: Any) -> str:
 
 STAGE = "filter_frontal"
 UNKNOWN_POLICIES: tuple[str, ...] = ("exclude", "include", "keep_apart")
+#: Manifest view sources the filter reports as they are (any other known view: ``metadata``).
+MANIFEST_SOURCES: tuple[str, ...] = ("metadata", "dicom", "classifier")
+#: Sources of known views the view classifier may learn from (not another classifier's calls).
+TRAINING_SOURCES: tuple[str, ...] = ("metadata", "dicom")
 
 #: Defaults of the ``policy`` mapping of :func:`filter_frontal`.
 DEFAULT_POLICY: dict[str, Any] = {
@@ -492,16 +499,22 @@ def train_view_classifier(
 ) -> tuple[Any | None, dict[str, Any]]:
     """Train the frontal/lateral classifier on a manifest's rows of known view.
 
+    Rows whose view another classifier set (view_source ``classifier``) are left out, as in
+    :func:`filter_frontal`.
+
     Uses the same recipe and ``classifier`` keys as :func:`filter_frontal`; returns
     ``(model or None, stats)`` — save a model with :func:`save_view_classifier` to use it as
     ``classifier.pretrained`` for datasets without enough labelled views of their own.
     """
     cfg = resolve_policy({"classifier": dict(classifier or {})})
     frontal_views = set(cfg["frontal_views"])
-    rows = (
-        schema.conform(manifest, schema.MANIFEST_SCHEMA).select(["image_path", "view"]).to_pylist()
-    )
-    known = [r for r in rows if r["view"] in frontal_views | {"LATERAL"}]
+    table = schema.conform(manifest, schema.MANIFEST_SCHEMA)
+    rows = table.select(["image_path", "view", "view_source"]).to_pylist()
+    known = [
+        r
+        for r in rows
+        if r["view"] in frontal_views | {"LATERAL"} and r["view_source"] != "classifier"
+    ]
     return _train_classifier(
         [Path(raw_root) / r["image_path"] for r in known],
         [int(r["view"] != "LATERAL") for r in known],
@@ -562,10 +575,11 @@ def filter_frontal(
             decision[i] = "excluded"
             reasons[i] = _reason_not_frontal(view, row["view_raw"])
 
-    # 1. metadata (the manifest's own view: from metadata, or DICOM tags read at ingest)
+    # 1. the manifest's own view: from metadata, DICOM tags read at ingest, or a classifier the
+    # dataset's authors ran (PadChest); its source is kept so the audit says who decided
     for i, row in enumerate(rows):
         if row["view"] != "UNKNOWN":
-            src = row["view_source"] if row["view_source"] in ("metadata", "dicom") else "metadata"
+            src = row["view_source"] if row["view_source"] in MANIFEST_SOURCES else "metadata"
             decide_known(i, row["view"], src)
         elif unsided_ok and is_frontal_unsided(row["view_raw"]):
             # metadata says frontal, side unknown: frontal; the view stays UNKNOWN
@@ -604,10 +618,15 @@ def filter_frontal(
         "n_predicted": 0,
         "n_decided": 0,
         "n_frontal_side_unknown": 0,
+        "n_known_view_from_classifier": sum(1 for s in source if s == "classifier"),
     }
     if clf_cfg["enabled"] and unknown_idx:
+        # Another model's calls are not ground truth: training on them would copy its errors
+        # and let the held-out accuracy gate measure agreement with it instead of correctness.
         known_idx = [
-            i for i in range(n) if decision[i] and rows[i]["view"] in (frontal_views | {"LATERAL"})
+            i
+            for i in range(n)
+            if source[i] in TRAINING_SOURCES and rows[i]["view"] in (frontal_views | {"LATERAL"})
         ]
         known_paths = [raw_root / rows[i]["image_path"] for i in known_idx]
         known_labels = [int(rows[i]["view"] != "LATERAL") for i in known_idx]

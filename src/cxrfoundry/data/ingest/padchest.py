@@ -2,12 +2,19 @@
 
 ``csv`` (default ``PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv``; ``.gz`` accepted):
 columns used ``ImageID``, ``ImageDir``, ``PatientID``, ``StudyID``, ``PatientSex_DICOM``,
-``PatientBirth`` (year), ``StudyDate_DICOM`` (YYYYMMDD), ``Projection``, ``Labels``, ``Report``.
+``PatientBirth`` (year), ``StudyDate_DICOM`` (YYYYMMDD), ``Projection``, ``MethodProjection``
+(optional), ``Labels``, ``Report``.
 
 * image path = ``image_path_template`` (default ``{ImageDir}/{ImageID}``, the BIMCV folders
   ``0``…``54``) — any column may be named in the template.
 * view: ``Projection`` (PA, AP, AP_horizontal → ``AP_SUPINE``, L → ``LATERAL``, COSTAL and
-  EXCLUDE → ``OTHER``, UNK → ``UNKNOWN``).
+  EXCLUDE → ``OTHER``, UNK → ``UNKNOWN``). ``MethodProjection`` says who set ``Projection``:
+  ``Manual review of DICOM fields`` (view_source ``metadata``, as is a blank or missing value)
+  or anything else — the authors' CNN, ``resnet-50.t7``, ~13 % of rows. Such model-predicted
+  views are counted (adapter stat ``n_view_predicted_by_dataset``) and handled by
+  ``predicted_projection``: ``accept`` (default) keeps the view with view_source
+  ``classifier``; ``reclassify`` sets it ``UNKNOWN`` (view_source ``none``, ``view_raw`` kept)
+  so that the frontal filter decides it (DICOM tags, then its own image classifier).
 * age = year of StudyDate − PatientBirth (PadChest publishes only the birth year, so ages are
   whole years, ±1); a blank, ``None`` or ``nan`` birth year or study date → null age.
 * labels: ``Labels`` is a Python-list string (``"['normal']"``) read with ``ast.literal_eval``;
@@ -52,7 +59,10 @@ OPTIONS: dict[str, Any] = {
     "csv": "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv",
     "image_path_template": "{ImageDir}/{ImageID}",
     "unmentioned": "negative",
+    "predicted_projection": "accept",
 }
+
+PREDICTED_PROJECTION: tuple[str, ...] = ("accept", "reclassify")
 
 REQUIRED = ("ImageID", "PatientID", "Projection", "Labels")
 
@@ -79,6 +89,16 @@ def parse_terms(value: str) -> list[str] | None:
     return [t.strip() for t in parsed if t.strip()]
 
 
+def projection_predicted(method: str | None) -> bool:
+    """Whether a ``MethodProjection`` value names a model rather than the manual DICOM review.
+
+    Blank or missing values count as manual: nothing says a model was involved.
+    """
+    if _missing(method):
+        return False
+    return not str(method).strip().lower().startswith("manual")
+
+
 def _age(row: dict[str, str]) -> float | None:
     birth = (row.get("PatientBirth") or "").strip()
     study = (row.get("StudyDate_DICOM") or "").strip()
@@ -94,6 +114,12 @@ def _age(row: dict[str, str]) -> float | None:
 
 def read(raw_root: Path, options: dict[str, Any], ctx: Context) -> list[Candidate]:
     """Read the PadChest labels CSV into candidates (see the module docstring)."""
+    predicted_policy = options["predicted_projection"]
+    if predicted_policy not in PREDICTED_PROJECTION:
+        raise ValueError(
+            f"padchest predicted_projection must be one of {PREDICTED_PROJECTION}, "
+            f"got {predicted_policy!r}"
+        )
     path = resolve_file(raw_root, options["csv"], "padchest csv")
     frame = read_csv(path, required=REQUIRED)
     template = options["image_path_template"]
@@ -119,7 +145,13 @@ def read(raw_root: Path, options: dict[str, Any], ctx: Context) -> list[Candidat
                 )
                 extra = dict.fromkeys(terms, 1)
             view_raw, view, view_source = metadata_view(row["Projection"], options, "padchest")
-            return {
+            predicted = view != "UNKNOWN" and projection_predicted(row.get("MethodProjection"))
+            if predicted:
+                if predicted_policy == "accept":
+                    view_source = "classifier"
+                else:
+                    view, view_source = "UNKNOWN", "none"
+            fields = {
                 "patient_id": text_or_none(row["PatientID"]),
                 "study_id": text_or_none(row.get("StudyID")),
                 "image_path": image_path,
@@ -132,6 +164,10 @@ def read(raw_root: Path, options: dict[str, Any], ctx: Context) -> list[Candidat
                 "labels_extra": extra_json(extra),
                 "report": text_or_none(row.get("Report")),
             }
+            # counted only once the row parsed, so adapter-rejected rows are not in the count
+            if predicted:
+                ctx.bump("n_view_predicted_by_dataset")
+            return fields
 
         out.append(wrap_row_errors(cand, build))
     return out

@@ -23,7 +23,10 @@ Labels map by :data:`labels.VINDR_TO_CHEXPERT`; the vocabulary is exhaustive, so
 findings are 0; Enlarged Cardiomediastinum (VinDr has no such label; "Aortic enlargement" is kept
 apart) and Support Devices stay null. All VinDr labels are kept 0/1 in ``labels_extra``.
 A class name outside the vocabulary rejects the image (``unparseable label value``); unknown
-wide columns are kept in ``labels_extra`` with a warning.
+wide columns are kept in ``labels_extra`` with a warning. Spellings are normalised on reading
+(:data:`labels.VINDR_ALIASES`: the test files' ``Other disease`` is the train files'
+``Other diseases``), in label columns, class names and box labels alike, so ``labels_extra``
+has one key per label.
 
 DICOM headers are read for every present image (tags only): patient_id = ``PatientID`` (the
 image_id when the tag is empty — VinDr removes it in many files; counted as
@@ -120,7 +123,7 @@ def _collect(path: Path, images: dict[str, _Image], ctx: Context, *, boxes_only:
         raise ValueError(f"{path}: a boxes file needs class_name and {BOX_COLUMNS} columns")
     label_cols = [c for c in columns if c not in ID_COLUMNS and c not in BOX_COLUMNS]
     if not long_format:
-        unknown = [c for c in label_cols if c not in lab.VINDR_TO_CHEXPERT]
+        unknown = [c for c in label_cols if lab.vindr_label(c) not in lab.VINDR_TO_CHEXPERT]
         if unknown:
             logger.warning(
                 "%s: columns %s are not VinDr labels; kept in labels_extra", path, unknown
@@ -138,9 +141,10 @@ def _collect(path: Path, images: dict[str, _Image], ctx: Context, *, boxes_only:
             image.readers.add(row[reader_col])
         try:
             if long_format:
-                name = row["class_name"].strip()
+                raw_name = row["class_name"].strip()
+                name = lab.vindr_label(raw_name)
                 if name not in lab.VINDR_TO_CHEXPERT:
-                    raise RowError(f"unparseable label value {name!r} in column 'class_name'")
+                    raise RowError(f"unparseable label value {raw_name!r} in column 'class_name'")
                 if not boxes_only:
                     image.positives.add(name)
                 box = _box(row, name)
@@ -152,7 +156,7 @@ def _collect(path: Path, images: dict[str, _Image], ctx: Context, *, boxes_only:
                     if value not in (None, 0, 1):
                         raise RowError(f"unparseable label value {row[col]!r} in column {col!r}")
                     if value == 1:
-                        image.positives.add(col)
+                        image.positives.add(lab.vindr_label(col))
         except (RowError, lab.LabelError) as exc:
             image.error = image.error or str(exc)
 
