@@ -725,6 +725,52 @@ def test_threaded_errors(written: tuple[Path, dict], tmp_path: Path) -> None:
     assert per_sample.loader().num_workers >= 1 and per_sample.decode_threads == 0
 
 
+def _shard_with_images(out: Path, tmp_path: Path, edit: dict[int, bytes]) -> tuple[Path, list]:
+    """A copy of the first shard with rows ``edit`` given other image bytes, and its ids."""
+    table = pq.read_table(list_shards(out)[0])
+    images = table.column("image").to_pylist()
+    for row, data in edit.items():
+        images[row] = data
+    path = tmp_path / "edited.parquet"
+    column = table.schema.get_field_index("image")
+    pq.write_table(table.set_column(column, "image", pa.array(images, pa.binary())), path)
+    return path, table.column("image_id").to_pylist()
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_integer_batches_report_bad_images(
+    written: tuple[Path, dict], tmp_path: Path, threads: int
+) -> None:
+    # Integer batches decode PNGs straight into the batch; what does not fit takes the general
+    # path, which names the image: a truncated PNG, and one whose size differs from its row's.
+    out, _ = written
+    table = pq.read_table(list_shards(out)[0], columns=["image"])
+    good = table.column(0)[0].as_py()
+    other_size = imaging.encode_image(np.zeros((9, 7), dtype=np.uint8), "png")
+    for data, problem in ((good[:60], "cannot decode"), (other_size, r"decoded \(9, 7\)")):
+        path, ids = _shard_with_images(out, tmp_path, {3: data})
+        ds = ShardIterableDataset(
+            [path], shuffle=False, batch_size=2, decode_threads=threads, normalize=False
+        )
+        with pytest.raises(imaging.ImageDecodeError, match=f"{ids[3]}.*{problem}"):
+            list(ds)
+
+
+def test_batch_memory_is_reused_across_epochs(written: tuple[Path, dict]) -> None:
+    # Fresh memory each epoch costs page faults again: the second epoch reuses the first's
+    # buffers, except one the consumer still holds, which keeps its contents.
+    out, _ = written
+    ds = ShardIterableDataset(out, seed=1, buffer_size=4, batch_size=3, decode_threads=2)
+    first = [b["image"].data_ptr() for b in ds]
+    ds.set_epoch(1)
+    held = next(iter(ds))["image"]
+    kept = held.clone()
+    ds.set_epoch(2)
+    second = [b["image"].data_ptr() for b in ds]
+    assert set(second) & set(first)
+    assert held.data_ptr() not in second and torch.equal(held, kept)
+
+
 def test_decode_pixels_errors_and_matches_imaging(written: tuple[Path, dict]) -> None:
     out, _ = written
     data = pq.read_table(list_shards(out)[0], columns=["image"]).column(0)[0].as_py()

@@ -42,6 +42,7 @@ import itertools
 import logging
 import math
 import os
+import struct
 import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -379,7 +380,9 @@ class ShardIterableDataset(IterableDataset):
     results are placed by index, so the batches are bit-identical to ``decode_threads=0``
     whatever the thread count or timing. A ``transform`` still runs in the calling thread, in
     row order (random augmentations stay reproducible). Each process (each DataLoader worker,
-    if any) starts its own pool on first use.
+    if any) starts its own pool on first use. Read in this process, batch memory the consumer
+    has let go of is reused, also in later epochs: up to 4 batches' worth stays allocated while
+    the dataset lives. Integer batches decode grayscale PNGs straight into their slots.
 
     Rank and world size come from ``torch.distributed`` when it is initialised, else from the
     arguments (default 0 / 1). Ranks may receive different row counts when units do not divide
@@ -429,6 +432,8 @@ class ShardIterableDataset(IterableDataset):
         self.epoch = 0
         self._pool: ThreadPoolExecutor | None = None
         self._pool_key: tuple[int, int] | None = None  # (pid, threads) the pool was made for
+        self._buffers: _BufferPool | None = None
+        self._buffers_pid: int | None = None
         metas = [pq.read_metadata(p) for p in self.paths]
         self.num_rows = sum(m.num_rows for m in metas)
         self._group_rows = [
@@ -451,6 +456,7 @@ class ShardIterableDataset(IterableDataset):
         # Threads do not survive pickling (spawned DataLoader workers): each process makes its own.
         state = self.__dict__.copy()
         state["_pool"], state["_pool_key"] = None, None
+        state["_buffers"], state["_buffers_pid"] = None, None
         return state
 
     def _executor(self) -> ThreadPoolExecutor | None:
@@ -468,6 +474,15 @@ class ShardIterableDataset(IterableDataset):
             self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="shard-decode")
             self._pool_key = key
         return self._pool
+
+    def _buffer_pool(self) -> _BufferPool:
+        """This process's batch memory, kept from one epoch to the next: memory fresh each
+        epoch costs its page faults again (a few % of a short epoch). Buffers a consumer still
+        holds are never handed out (see :class:`_BufferPool`)."""
+        pid = os.getpid()
+        if self._buffers is None or self._buffers_pid != pid:
+            self._buffers, self._buffers_pid = _BufferPool(_THREAD_PREFETCH + 2), pid
+        return self._buffers
 
     def _dist(self) -> tuple[int, int]:
         if self.rank is not None or self.world_size is not None:
@@ -583,7 +598,7 @@ class ShardIterableDataset(IterableDataset):
         pool = self._executor()
         # In this process, batch memory the consumer has let go of is reused (in a worker
         # the batches go to shared memory and the main process owns them).
-        buffers = _BufferPool(_THREAD_PREFETCH + 2) if get_worker_info() is None else None
+        buffers = self._buffer_pool() if get_worker_info() is None else None
         if pool is None:
             for rows in self._row_batches():
                 yield self._start_batch(rows, None, buffers).result()
@@ -940,13 +955,46 @@ def _decode_into(
     did not fit the batch dtype (a 16-bit image in a uint8 batch: widened by the caller)."""
     meta, i, data, mask_data = row
     image_id = meta.columns["image_id"][i]
-    pixels = decode_pixels(data, name=image_id)
     stored = (meta.columns["height"][i], meta.columns["width"][i])
+    slot = image[k, 0].numpy()
+    if not image.is_floating_point() and _decode_png_in_place(data, slot, stored):
+        result: tuple[np.dtype, np.ndarray | None] = (slot.dtype, None)
+    else:
+        result = _decode_to_slot(data, image_id, stored, slot)
+    if mask is not None and mask_data is not None:
+        mask[k, 0].numpy()[...] = decode_pixels(mask_data, name=f"{image_id} mask")
+    return result
+
+
+def _decode_png_in_place(data: bytes, slot: np.ndarray, stored: tuple[int, int]) -> bool:
+    """Decode a grayscale PNG of exactly the slot's size and depth straight into ``slot``
+    (what shards hold in integer batches): no intermediate array, no copy. ``False`` when
+    ``data`` is anything else, or fails to decode (the general path then reports it)."""
+    header = imaging.png_header(data)
+    if header is None or header[1] != 0 or slot.shape != stored:
+        return False
+    if (header[0], slot.dtype) not in ((8, np.dtype(np.uint8)), (16, np.dtype(np.uint16))):
+        return False
+    if struct.unpack(">II", data[16:24]) != (stored[1], stored[0]):  # IHDR width, height
+        return False
+    from imagecodecs import PngError, png_decode
+
+    try:
+        png_decode(data, out=slot)
+    except (PngError, ValueError):
+        return False
+    return True
+
+
+def _decode_to_slot(
+    data: bytes, image_id: str, stored: tuple[int, int], slot: np.ndarray
+) -> tuple[np.dtype, np.ndarray | None]:
+    """The general path of :func:`_decode_into`: decode, check the size, convert into ``slot``."""
+    pixels = decode_pixels(data, name=image_id)
     if pixels.shape != stored:
         raise imaging.ImageDecodeError(image_id, f"decoded {pixels.shape}, shard says {stored}")
-    slot = image[k, 0].numpy()
     spill = None
-    if image.is_floating_point():
+    if slot.dtype == np.float32:
         np.multiply(pixels, _scale(pixels.dtype), out=slot)
     elif slot.dtype == pixels.dtype:
         slot[...] = pixels
@@ -954,8 +1002,6 @@ def _decode_into(
         np.multiply(pixels, np.uint16(257), out=slot, dtype=np.uint16)
     else:
         spill = np.array(pixels)
-    if mask is not None and mask_data is not None:
-        mask[k, 0].numpy()[...] = decode_pixels(mask_data, name=f"{image_id} mask")
     return pixels.dtype, spill
 
 
