@@ -352,6 +352,22 @@ def test_gray_png_fast_path_leaves_other_images_to_pillow() -> None:
     assert imaging.decode_gray_png(b"") is None
 
 
+def test_gray_png_into_decodes_only_what_fits_exactly() -> None:
+    arr = np.random.default_rng(1).integers(0, 65535, (7, 30), endpoint=True).astype(np.uint16)
+    for want in (arr, (arr >> 8).astype(np.uint8)):
+        data = imaging.encode_png(want)
+        out = np.zeros(want.shape, dtype=want.dtype)
+        assert imaging.decode_gray_png_into(data, out)
+        np.testing.assert_array_equal(out, want)
+        # another depth, another size, a truncated file: left to the general path, untouched
+        other = np.uint16 if want.dtype == np.uint8 else np.uint8
+        for target in (np.zeros(want.shape, other), np.zeros((30, 7), want.dtype)):
+            assert not imaging.decode_gray_png_into(data, target) and not target.any()
+        assert not imaging.decode_gray_png_into(data[: len(data) // 2], out.copy())
+    rgb = _pillow_png(np.zeros((7, 30, 3), dtype=np.uint8))
+    assert not imaging.decode_gray_png_into(rgb, np.zeros((7, 30), np.uint8))
+
+
 def test_gray_png_fast_path_errors_name_the_image() -> None:
     data = imaging.encode_png(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
     corrupt = data[:60] + bytes(16) + data[76:]

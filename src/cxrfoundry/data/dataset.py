@@ -42,7 +42,6 @@ import itertools
 import logging
 import math
 import os
-import struct
 import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -957,33 +956,13 @@ def _decode_into(
     image_id = meta.columns["image_id"][i]
     stored = (meta.columns["height"][i], meta.columns["width"][i])
     slot = image[k, 0].numpy()
-    if not image.is_floating_point() and _decode_png_in_place(data, slot, stored):
+    if not image.is_floating_point() and imaging.decode_gray_png_into(data, slot):
         result: tuple[np.dtype, np.ndarray | None] = (slot.dtype, None)
     else:
         result = _decode_to_slot(data, image_id, stored, slot)
     if mask is not None and mask_data is not None:
         mask[k, 0].numpy()[...] = decode_pixels(mask_data, name=f"{image_id} mask")
     return result
-
-
-def _decode_png_in_place(data: bytes, slot: np.ndarray, stored: tuple[int, int]) -> bool:
-    """Decode a grayscale PNG of exactly the slot's size and depth straight into ``slot``
-    (what shards hold in integer batches): no intermediate array, no copy. ``False`` when
-    ``data`` is anything else, or fails to decode (the general path then reports it)."""
-    header = imaging.png_header(data)
-    if header is None or header[1] != 0 or slot.shape != stored:
-        return False
-    if (header[0], slot.dtype) not in ((8, np.dtype(np.uint8)), (16, np.dtype(np.uint16))):
-        return False
-    if struct.unpack(">II", data[16:24]) != (stored[1], stored[0]):  # IHDR width, height
-        return False
-    from imagecodecs import PngError, png_decode
-
-    try:
-        png_decode(data, out=slot)
-    except (PngError, ValueError):
-        return False
-    return True
 
 
 def _decode_to_slot(

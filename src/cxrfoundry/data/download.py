@@ -88,7 +88,6 @@ import copy
 import email.utils
 import errno
 import fnmatch
-import ipaddress
 import json
 import logging
 import netrc
@@ -122,6 +121,7 @@ from cxrfoundry.io import (
     walk_files,
     write_json,
 )
+from cxrfoundry.net import is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -909,7 +909,7 @@ class _Auth:
             # Credentials in the URL itself (discouraged, but honoured and kept out of logs).
             user, password = unquote(parts.username), unquote(parts.password or "")
             self.scrubber.add(password, parts.password)
-            _warn_cleartext(parts.scheme, host)
+            _warn_cleartext(url)
             return requests.auth.HTTPBasicAuth(user, password), {}
         if host in self._cache:
             return self._cache[host]
@@ -934,7 +934,7 @@ class _Auth:
             if found is not None:
                 auth = requests.auth.HTTPBasicAuth(*found)
         if auth is not None or headers:
-            _warn_cleartext(parts.scheme, host)
+            _warn_cleartext(url)
         self._cache[host] = (auth, headers)
         return auth, headers
 
@@ -958,23 +958,15 @@ class _Auth:
         return self._redirect_cache[host]
 
 
-_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
-
-
-def _warn_cleartext(scheme: str, host: str) -> None:
+def _warn_cleartext(url: str) -> None:
     """Warn (naming the host, never the secret) when credentials go out over plain http to a
     host off this machine: anyone on the path can read them."""
-    if scheme.lower() != "http" or host.lower() in _LOOPBACK_NAMES:
+    if urlsplit(url).scheme.lower() != "http" or is_loopback(url):
         return
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return
-    except ValueError:
-        pass
     logger.warning(
         "sending credentials to %s over plain http: they travel unencrypted; use an https URL "
         "(source type https refuses plain http)",
-        host,
+        urlsplit(url).hostname,
     )
 
 

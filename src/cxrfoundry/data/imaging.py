@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from pathlib import Path
 from typing import Any, Literal
 
@@ -454,13 +455,45 @@ def encode_png(img: np.ndarray, bit_depth: int | None = None) -> bytes:
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def png_header(data: bytes) -> tuple[int, int] | None:
-    """(bit depth, colour type) from a PNG's IHDR chunk, or ``None`` if ``data`` is no PNG."""
-    # IHDR is the first chunk: signature (8), length (4), type (4), width, height (8), then
+def _ihdr(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, bit depth, colour type) from a PNG's IHDR chunk, or ``None``."""
+    # IHDR is the first chunk: signature (8), length (4), type (4), width, height (4 + 4), then
     # bit depth (byte 24) and colour type (byte 25; 0 = grayscale).
     if len(data) < 33 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
         return None
-    return data[24], data[25]
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height, data[24], data[25]
+
+
+def png_header(data: bytes) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR chunk, or ``None`` if ``data`` is no PNG."""
+    ihdr = _ihdr(data)
+    return None if ihdr is None else (ihdr[2], ihdr[3])
+
+
+#: Grayscale PNG bit depth → the array dtype it decodes to.
+_GRAY_PNG_DTYPES = {8: np.dtype(np.uint8), 16: np.dtype(np.uint16)}
+
+
+def decode_gray_png_into(data: bytes, out: np.ndarray) -> bool:
+    """Decode a grayscale PNG straight into ``out`` (2-D) when its size and depth are exactly
+    ``out``'s (8-bit into uint8, 16-bit into uint16): no intermediate array, no copy.
+
+    ``False`` when ``data`` is anything else or does not decode; :func:`decode_gray_png` /
+    :func:`decode_image` then take it and report what is wrong.
+    """
+    ihdr = _ihdr(data)
+    if ihdr is None or ihdr[3] != 0 or _GRAY_PNG_DTYPES.get(ihdr[2]) != out.dtype:
+        return False
+    if (ihdr[1], ihdr[0]) != out.shape:
+        return False
+    from imagecodecs import PngError, png_decode
+
+    try:
+        png_decode(data, out=out)
+    except (PngError, ValueError):  # ValueError: e.g. a tRNS chunk adds an alpha plane
+        return False
+    return True
 
 
 def decode_gray_png(data: bytes, *, name: str = "<bytes>") -> np.ndarray | None:

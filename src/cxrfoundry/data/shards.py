@@ -555,10 +555,13 @@ def _fingerprint(shard: _Shard, corpus: _Corpus, params: dict[str, Any], code: s
     digest.update(shard.name.encode())
     rows = corpus.table.take(pa.array(shard.rows)).to_pylist()
     for row_id, record in zip(shard.rows, rows, strict=True):
-        _, image_abs, mask_abs, _, _ = _task_for(corpus, int(row_id))
-        stamps = [_file_stamp(Path(image_abs)), _file_stamp(Path(mask_abs)) if mask_abs else None]
-        source_root = corpus.roots[int(corpus.source_of[row_id])]
-        line = json.dumps([str(source_root), record, stamps], sort_keys=True, default=str)
+        root = corpus.roots[int(corpus.source_of[row_id])]
+        mask_rel = corpus.mask_paths[row_id]
+        stamps = [
+            _file_stamp(root / corpus.image_paths[row_id]),
+            _file_stamp(root / mask_rel) if mask_rel else None,
+        ]
+        line = json.dumps([str(root), record, stamps], sort_keys=True, default=str)
         digest.update(line.encode())
         digest.update(b"\n")
     return digest.hexdigest()

@@ -513,7 +513,7 @@ def train_view_classifier(
     known = [
         r
         for r in rows
-        if r["view"] in frontal_views | {"LATERAL"} and r["view_source"] != "classifier"
+        if r["view"] in frontal_views | {"LATERAL"} and r["view_source"] in TRAINING_SOURCES
     ]
     return _train_classifier(
         [Path(raw_root) / r["image_path"] for r in known],

@@ -20,10 +20,10 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import openai
 
+from cxrfoundry.net import is_loopback
 from cxrfoundry.reports.cache import ResponseCache, cache_key
 
 log = logging.getLogger(__name__)
@@ -108,19 +108,6 @@ class LLMStats:
             "failed_requests": self.failed_requests,
             "errors": dict(sorted(self.errors.items())),
         }
-
-
-def is_loopback(url: str) -> bool:
-    """True when ``url``'s host is a literal loopback address or ``localhost`` (no DNS lookup)."""
-    import ipaddress
-
-    host = (urlsplit(url).hostname or "").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _retry_after(response: Any) -> float | None:

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from cxrfoundry.io import write_json, write_parquet
+from cxrfoundry.net import is_loopback
 from cxrfoundry.reports.cache import ResponseCache
 from cxrfoundry.reports.checker import check_report, flag_kind
 from cxrfoundry.reports.endpoint import managed_endpoint
@@ -46,7 +47,6 @@ from cxrfoundry.reports.llm import (
     LLMError,
     LLMSettings,
     LLMStats,
-    is_loopback,
 )
 from cxrfoundry.reports.prompts import Prompts, load_prompts, problems_text, row_metadata
 from cxrfoundry.reports.template import template_report
