@@ -771,6 +771,71 @@ def test_batch_memory_is_reused_across_epochs(written: tuple[Path, dict]) -> Non
     assert held.data_ptr() not in second and torch.equal(held, kept)
 
 
+@pytest.mark.parametrize("split_by", ["shard", "row_group"])
+def test_read_ahead_keeps_rows_and_order(written: tuple[Path, dict], split_by: str) -> None:
+    # Threaded reading fetches the next row groups on the decode pool: the same rows in the
+    # same order as reading them in this thread, whole shards (several row groups each) or
+    # single row groups; a consumer that stops early leaves the pool usable.
+    out, index = written
+    common = {"seed": 3, "buffer_size": 5, "split_by": split_by, "normalize": False}
+    serial = list(ShardIterableDataset(out, batch_size=3, **common))
+    ds = ShardIterableDataset(out, batch_size=3, decode_threads=2, **common)
+    first = next(iter(ds))
+    _assert_batches_equal(first, serial[0])
+    for _ in range(2):
+        threaded = list(ds)
+        assert len(threaded) == len(serial)
+        for got, want in zip(threaded, serial, strict=True):
+            _assert_batches_equal(got, want)
+    assert sum(len(b["image_id"]) for b in serial) == index["counts"]["rows_written"]
+
+
+def test_shuffle_buffer_bounds_the_row_groups_it_keeps_alive(
+    written: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Buffered rows view their row group's Arrow memory; the buffer copies out the rows of its
+    # oldest groups so that the groups it keeps alive stay within budget (buffer + one group).
+    from cxrfoundry.data import dataset as ds_module
+
+    checks = {"releases": 0, "copied": 0, "viewed": 0}
+
+    class Checked(ds_module._PinnedGroups):
+        def release(self, buffer: list) -> None:
+            super().release(buffer)
+            checks["releases"] += 1
+            assert len(self.groups) <= 1 or self.rows <= self.budget
+            assert self.rows == sum(g.num_rows for g in self.groups)
+            alive = {id(g) for g in self.groups}
+            for meta, _, image, _ in buffer:
+                if isinstance(image, memoryview):
+                    checks["viewed"] += 1
+                    assert id(meta) in alive  # a view only into a group still accounted for
+                else:
+                    checks["copied"] += 1
+
+    monkeypatch.setattr(ds_module, "_PinnedGroups", Checked)
+    out, index = written
+    common = {"seed": 2, "buffer_size": 5, "split_by": "shard", "normalize": False}
+    rows = list(ShardIterableDataset(out, **common))
+    assert len(rows) == index["counts"]["rows_written"]
+    assert checks["releases"] and checks["copied"] and checks["viewed"]
+
+
+@pytest.mark.parametrize("kind", [pa.binary(), pa.large_binary()])
+def test_binary_views_are_the_column_values(kind: pa.DataType) -> None:
+    # Zero-copy views of a binary column: nulls, empty values, a sliced chunk (non-zero
+    # offset) and several chunks give exactly the values to_pylist copies out.
+    from cxrfoundry.data.dataset import _binary_views
+
+    values = [b"ab", None, b"", b"xyz", b"\x00\x01", None, b"last"]
+    chunk = pa.array(values, type=kind)
+    column = pa.chunked_array([chunk.slice(2, 4), chunk.slice(0, 2), chunk[6:]], type=kind)
+    views = _binary_views(column)
+    assert [None if v is None else bytes(v) for v in views] == column.to_pylist()
+    assert all(v is None or isinstance(v, memoryview) for v in views)
+    assert _binary_views(pa.chunked_array([pa.array([None, None], type=kind)])) == [None, None]
+
+
 def test_decode_pixels_errors_and_matches_imaging(written: tuple[Path, dict]) -> None:
     out, _ = written
     data = pq.read_table(list_shards(out)[0], columns=["image"]).column(0)[0].as_py()
