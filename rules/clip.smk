@@ -11,6 +11,10 @@ rule pretrain_clip:
         "logs/pretrain_clip/clip.log",
     benchmark:
         "benchmarks/pretrain_clip/clip.tsv"
+    # Two threads: it can only start when both cores are free. Behind the one-core model jobs
+    # that happens only once they are all done (the demo's last two minutes, one core idle
+    # before); ahead of them it runs as soon as the shards exist.
+    priority: 2
     conda:
         "../envs/cxrfoundry.yaml"
     threads: 2

@@ -5,7 +5,8 @@
 # GPUs: `gpu` defaults to a CPU run here; the Slurm profile sets it (set-resources).
 # Threads: one torch thread per job (tiny CPU models run fastest so on a shared box, and two
 # jobs fit on two cores); the profile may raise it (set-threads). Priority 1 marks the critical
-# path (VAE → features → LDM → ControlNet): it runs before the judges when cores are short.
+# path (VAE → features → LDM → ControlNet → cohorts, which the benchmarks wait for): it runs
+# before the judges and probes when cores are short.
 include: "generate_common.smk"
 
 
@@ -146,6 +147,7 @@ rule synthesize_cohort:
         "logs/synthesize_cohort/{cohort}.log",
     benchmark:
         "benchmarks/synthesize_cohort/{cohort}.tsv"
+    priority: 1
     conda:
         "../envs/cxrfoundry.yaml"
     threads: 1
