@@ -609,7 +609,7 @@ class ShardIterableDataset(IterableDataset):
         seq = np.random.SeedSequence([self.seed, self.epoch, rank, world, worker])
         rng = np.random.default_rng(seq)
         buffer: list[_Row] = []
-        largest_group = max((n for rows in self._group_rows for n in rows), default=0)
+        largest_group = max((n for counts in self._group_rows for n in counts), default=0)
         pinned = _PinnedGroups(self.buffer_size + largest_group)
         for row in rows:
             if len(buffer) < self.buffer_size:
