@@ -986,14 +986,15 @@ def crashing(path):
     return load(path)
 imaging.load_image = crashing  # workers are forked: they inherit this
 srcs = [ShardSource("t", pq.read_table({table!r}), Path({root!r}))]
-write_shards(srcs, Path({out!r}), workers=2, work_dir=Path({work!r}), **{params!r})
+write_shards(srcs, Path({out!r}), workers={workers}, work_dir=Path({work!r}), **{params!r})
 """
 
 
 @pytest.mark.skipif(
     sys.platform != "linux" or os.name != "posix", reason="needs fork to patch the workers"
 )
-def test_worker_process_crash_becomes_a_reject(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [2, 1])  # one core (--cores 1) is still isolated
+def test_worker_process_crash_becomes_a_reject(tmp_path: Path, workers: int) -> None:
     rows = _png_rows(tmp_path / "raw", n=20)
     (tmp_path / "raw" / "crash.png").write_bytes(b"whatever")
     rows.insert(9, _row("t", 99, "crash.png", "train"))
@@ -1005,6 +1006,7 @@ def test_worker_process_crash_becomes_a_reject(tmp_path: Path) -> None:
         out=str(out),
         work=str(tmp_path / "w"),
         params=PARAMS,
+        workers=workers,
     )
     env = {**os.environ, "PYTHONFAULTHANDLER": ""}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, env=env)

@@ -746,8 +746,10 @@ def write_shards(
         target_shard_mb: target shard size; rows per shard are planned from an estimate.
         row_group_size: rows per Parquet row group.
         seed: seeds the per-split permutation.
-        workers: decoding processes (``<= 1`` decodes in this process, where a crashing decoder
-            takes the job down with it). Does not change output.
+        workers: decoding processes. Even one is a process apart, so a decoder that crashes
+            (or the OOM killer) costs a reject, not the job; ``0`` decodes in this process
+            instead (profiling, debugging), where such a crash takes the job down. Does not
+            change output.
         work_dir: scratch folder for finished shards (reused on rerun); defaults to
             ``out_dir.parent / ".work" / out_dir.name``.
         chunk_size: rows per task sent to a worker.
@@ -770,11 +772,11 @@ def write_shards(
     plan_order = np.concatenate([order[s] for s in SPLITS if s in order] or [np.empty(0, int)])
     rows_in = data.table.num_rows
 
-    workers = max(1, int(workers))
-    pool = WorkerPool(workers) if workers > 1 else None
+    workers = max(0, int(workers))
+    pool = WorkerPool(workers) if workers else None
     encode = partial(_encode_task, settings=settings)
     recover = partial(_encode_isolated, settings=settings, ctx=pool.ctx if pool else None)
-    window = 4 * workers
+    window = 4 * max(1, workers)
     try:
         # 1. Estimate bytes per row from the first rows of the permutation (deterministic).
         head = plan_order[:ESTIMATE_ROWS]
