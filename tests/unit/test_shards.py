@@ -343,6 +343,8 @@ def test_bad_settings_raise(sources: list[ShardSource], tmp_path: Path) -> None:
     broken = ShardSource("x", pa.table({"image_id": ["x/1"]}), tmp_path)
     with pytest.raises(ValueError, match="source 'x'"):
         write_shards([broken], tmp_path / "o", **params)
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        write_shards(sources, tmp_path / "o", **{**params, "workers": -1})
 
 
 # --- reading without project code --------------------------------------------------------------

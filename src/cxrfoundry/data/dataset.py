@@ -1091,7 +1091,7 @@ def _decode_into(
 
 
 def _decode_to_slot(
-    data: bytes, image_id: str, stored: tuple[int, int], slot: np.ndarray
+    data: bytes | memoryview, image_id: str, stored: tuple[int, int], slot: np.ndarray
 ) -> tuple[np.dtype, np.ndarray | None]:
     """The general path of :func:`_decode_into`: decode, check the size, convert into ``slot``."""
     pixels = decode_pixels(data, name=image_id)

@@ -763,6 +763,9 @@ def write_shards(
         raise ValueError(f"target_shard_mb must be positive, got {target_shard_mb}")
     if row_group_size < 1:
         raise ValueError(f"row_group_size must be positive, got {row_group_size}")
+    workers = int(workers)
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0 decodes in this process), got {workers}")
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir is not None else out_dir.parent / ".work" / out_dir.name
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -772,7 +775,6 @@ def write_shards(
     plan_order = np.concatenate([order[s] for s in SPLITS if s in order] or [np.empty(0, int)])
     rows_in = data.table.num_rows
 
-    workers = max(0, int(workers))
     pool = WorkerPool(workers) if workers else None
     encode = partial(_encode_task, settings=settings)
     recover = partial(_encode_isolated, settings=settings, ctx=pool.ctx if pool else None)
